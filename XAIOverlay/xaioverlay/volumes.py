@@ -1,0 +1,297 @@
+"""Volumes with their geometry: read, write, resample.
+
+Conventions (one place, tested):
+
+- Arrays are indexed ``[i, j, k]`` (IJK, the order Slicer and MONAI use; ``i`` runs fastest in the
+  file). SimpleITK's numpy views are ``[k, j, i]``; we transpose at the boundary.
+- :class:`Geometry` stores what ITK stores: ``spacing`` (mm), ``origin`` and ``direction`` in LPS.
+- Affines exchanged with MONAI and shown to users are voxel → RAS millimetres:
+  ``ijk_to_ras = diag(-1, -1, 1, 1) @ ijk_to_lps``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: File endings read as single files (DICOM is read from a folder).
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A 3D voxel grid in physical space.
+
+    Attributes:
+        size: voxel counts ``(ni, nj, nk)``.
+        spacing: voxel size in mm along i, j, k.
+        origin: physical position of voxel (0, 0, 0), LPS mm.
+        direction: 3×3 matrix (row-major tuple of 9) whose columns are the i, j, k axes in LPS.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4×4 affine mapping voxel index (i, j, k, 1) to LPS mm."""
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        affine[:3, 3] = self.origin
+        return affine
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """4×4 affine mapping voxel index (i, j, k, 1) to RAS mm (what Slicer and MONAI use)."""
+        return LPS_TO_RAS @ self.ijk_to_lps()
+
+    @classmethod
+    def from_ijk_to_ras(cls, affine: np.ndarray, size: Sequence[int]) -> "Geometry":
+        """Inverse of :meth:`ijk_to_ras` for affines with orthogonal axes (no shear)."""
+        lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)
+        columns = lps[:3, :3]
+        spacing = np.linalg.norm(columns, axis=0)
+        direction = columns / spacing
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise InputError("the voxel axes are not orthogonal (sheared grid); resample the volume first")
+        return cls(
+            size=tuple(int(s) for s in size),
+            spacing=tuple(float(s) for s in spacing),
+            origin=tuple(float(o) for o in lps[:3, 3]),
+            direction=tuple(float(d) for d in direction.ravel()),
+        )
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Geometry":
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def same_grid(self, other: "Geometry", tol: float = 1e-4) -> bool:
+        """True when both describe the same voxels (size exact, the rest within ``tol`` mm)."""
+        return self.size == other.size and np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=tol)
+
+    def ras_to_ijk(self, points_ras: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices of RAS points. ``points_ras``: (N, 3) → (N, 3)."""
+        points = np.atleast_2d(np.asarray(points_ras, dtype=float))
+        homogeneous = np.c_[points, np.ones(len(points))]
+        return (np.linalg.inv(self.ijk_to_ras()) @ homogeneous.T).T[:, :3]
+
+    def ijk_to_ras_points(self, indices: np.ndarray) -> np.ndarray:
+        """RAS mm of voxel indices. ``indices``: (N, 3) → (N, 3)."""
+        idx = np.atleast_2d(np.asarray(indices, dtype=float))
+        return (self.ijk_to_ras() @ np.c_[idx, np.ones(len(idx))].T).T[:, :3]
+
+
+@dataclass
+class Volume:
+    """A scalar volume: ``array[i, j, k]`` plus the :class:`Geometry` that places it in space."""
+
+    array: np.ndarray
+    geometry: Geometry
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if tuple(self.array.shape) != tuple(self.geometry.size):
+            raise ValueError(f"array shape {self.array.shape} does not match geometry size {self.geometry.size}")
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array.transpose(2, 1, 0)))
+        return self.geometry.apply_to(image)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, name: str = "") -> "Volume":
+        array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+        return cls(np.ascontiguousarray(array), Geometry.from_sitk(image), name)
+
+
+def _volume_name(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series; give a folder of DICOM slices or a volume file")
+    if len(series) > 1:
+        files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+        chosen = max(files, key=lambda sid: len(files[sid]))
+        log.warning("%s holds %d DICOM series; reading the largest (%s)", folder, len(series), chosen)
+    else:
+        chosen = series[0]
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), chosen))
+    return reader.Execute()
+
+
+def read_volume(path: str | os.PathLike, *, check_finite: bool = True) -> Volume:
+    """Read a 3D scalar volume (NIfTI, NRRD, MetaImage, or a DICOM series folder).
+
+    Raises :class:`InputError` with a one-line reason for anything that cannot be explained: missing or
+    unreadable file, 2D image, multi-component pixels, NaN or infinite voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; check the path")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path)
+        else:
+            if not path.name.lower().endswith(VOLUME_SUFFIXES + (".dcm",)):
+                raise InputError(
+                    f"{path}: unsupported file type; give a volume ending in {', '.join(VOLUME_SUFFIXES)} "
+                    "or a folder holding a DICOM series"
+                )
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        raise InputError(f"{path}: cannot read the volume (unreadable or truncated file: {reason[:160]})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "give each channel as a separate scalar volume"
+        )
+    size = image.GetSize()
+    if image.GetDimension() != 3 or min(size) < 2:
+        raise InputError(
+            f"{path}: is a {'x'.join(map(str, size))} image, not a 3D volume; XAIOverlay explains 3D volumes"
+        )
+    volume = Volume.from_sitk(image, name=_volume_name(path))
+    if check_finite and np.issubdtype(volume.array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+        if bad:
+            raise InputError(
+                f"{path}: contains {bad} NaN or infinite voxels; replace them (for example with 0) before explaining"
+            )
+    return volume
+
+
+def read_volumes(paths: Sequence[str | os.PathLike]) -> list[Volume]:
+    """Read co-registered volumes that form one multi-channel input, in the order given.
+
+    Channels after the first are resampled (linearly) onto the first volume's grid when their grids
+    differ; volumes that do not overlap the first at all are refused.
+    """
+    if not paths:
+        raise InputError("no input volume given; pass at least one with --input")
+    volumes = [read_volume(p) for p in paths]
+    reference = volumes[0]
+    for index, volume in enumerate(volumes[1:], start=1):
+        if volume.geometry.same_grid(reference.geometry):
+            continue
+        log.info("resampling channel %d (%s) onto the grid of %s", index, volume.name, reference.name)
+        array = resample_array(
+            volume.array.astype(np.float32),
+            volume.geometry.ijk_to_ras(),
+            reference.geometry.size,
+            reference.geometry.ijk_to_ras(),
+            interpolation="linear",
+        )
+        inside = resample_array(
+            np.ones(volume.geometry.size, np.float32),
+            volume.geometry.ijk_to_ras(),
+            reference.geometry.size,
+            reference.geometry.ijk_to_ras(),
+            interpolation="nearest",
+        )
+        if not inside.any():
+            raise InputError(
+                f"{paths[index]}: does not overlap {paths[0]} in physical space; give co-registered volumes"
+            )
+        volumes[index] = Volume(array, reference.geometry, volume.name)
+    return volumes
+
+
+def atomic_path(path: Path) -> Path:
+    """A temporary sibling of ``path`` with the same suffixes (writers pick the format from them)."""
+    suffix = "".join(path.suffixes)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write ``volume`` atomically: to a temporary sibling first, then renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = atomic_path(path)
+    try:
+        sitk.WriteImage(volume.to_sitk(), str(temporary), compress)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def resample_array(
+    source: np.ndarray,
+    source_ijk_to_ras: np.ndarray,
+    target_size: Sequence[int],
+    target_ijk_to_ras: np.ndarray,
+    *,
+    interpolation: str = "linear",
+    default: float = 0.0,
+) -> np.ndarray:
+    """Resample ``source`` (indexed [i, j, k]) onto another voxel grid of the same physical space.
+
+    Args:
+        source: (ni, nj, nk) array.
+        source_ijk_to_ras: 4×4 voxel → RAS mm affine of ``source`` (any orientation, oblique allowed).
+        target_size: (mi, mj, mk) voxel counts of the target grid.
+        target_ijk_to_ras: 4×4 voxel → RAS mm affine of the target grid.
+        interpolation: ``"linear"`` (maps, images) or ``"nearest"`` (masks, labels).
+        default: value where the target grid lies outside ``source``.
+
+    Returns:
+        (mi, mj, mk) array of ``source``'s dtype (float32 for linear interpolation of integers).
+    """
+    # Both grids are put in index space; one affine maps target index → source index.
+    index_map = np.linalg.inv(np.asarray(source_ijk_to_ras, float)) @ np.asarray(target_ijk_to_ras, float)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(index_map[:3, :3].ravel()))
+    transform.SetTranslation(tuple(index_map[:3, 3]))
+    if interpolation == "linear" and not np.issubdtype(source.dtype, np.floating):
+        source = source.astype(np.float32)
+    moving = sitk.GetImageFromArray(np.ascontiguousarray(source.transpose(2, 1, 0)))
+    reference = sitk.Image([int(s) for s in target_size], moving.GetPixelID())
+    interpolator = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolation]
+    result = sitk.Resample(moving, reference, transform, interpolator, float(default), moving.GetPixelID())
+    return sitk.GetArrayFromImage(result).transpose(2, 1, 0)
+
+
+def resample_volume(volume: Volume, target: Geometry, *, interpolation: str = "linear") -> Volume:
+    """``volume`` resampled onto ``target``'s grid (see :func:`resample_array`)."""
+    array = resample_array(
+        volume.array, volume.geometry.ijk_to_ras(), target.size, target.ijk_to_ras(), interpolation=interpolation
+    )
+    return Volume(array, target, volume.name)
