@@ -233,10 +233,16 @@ def read_volumes(paths: Sequence[str | os.PathLike]) -> list[Volume]:
 
 
 def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path`` with the same suffixes (writers pick the format from them)."""
+    """A temporary sibling of ``path`` with the same suffixes (writers pick the format from them).
+
+    Created with the permissions a plain ``open()`` would give (umask respected), not mkstemp's 0600.
+    """
     suffix = "".join(path.suffixes)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

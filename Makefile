@@ -1,0 +1,28 @@
+# One command to set up and run the demo, one to set up and run the tests (see README).
+# Both create (or reuse) a virtual environment in .venv with PyTorch pinned by constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test check-demo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/xaioverlay demo --out demo-output
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+check-demo: $(STAMP)
+	$(PY) tools/check_demo_models.py
+
+clean:
+	rm -rf $(VENV) demo-output

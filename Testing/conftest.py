@@ -1,0 +1,81 @@
+"""Shared test fixtures: small real MONAI networks saved as spec models, volumes with known geometry."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from xaioverlay.volumes import Geometry, Volume
+
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def rotation_z(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def rotation_x(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def oblique_geometry(size=(48, 40, 24), spacing=(1.2, 1.0, 3.0), origin=(35.0, -12.0, 40.0), angles=(0.35, 0.2)) -> Geometry:
+    """Anisotropic, oblique (rotated about z then x), non-zero origin: the hard case for geometry."""
+    direction = rotation_z(angles[0]) @ rotation_x(angles[1])
+    return Geometry(tuple(size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
+
+
+def blob_volume(geometry: Geometry, centre_ras, radius_mm: float, value: float = 1.0, background: float = 0.0, noise: float = 0.0, seed: int = 0) -> Volume:
+    """A sphere of ``value`` at a physical (RAS) place on ``geometry``."""
+    i, j, k = np.meshgrid(*[np.arange(n) for n in geometry.size], indexing="ij")
+    ras = geometry.ijk_to_ras_points(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*geometry.size, 3)
+    inside = np.linalg.norm(ras - np.asarray(centre_ras), axis=-1) <= radius_mm
+    array = np.where(inside, value, background).astype(np.float32)
+    if noise:
+        array += np.random.default_rng(seed).normal(0, noise, array.shape).astype(np.float32)
+    return Volume(array, geometry, "blob")
+
+
+def save_spec_model(folder: Path, network: dict, *, task: str, class_names: list[str], activation: str = "softmax",
+                    preprocessing: list | None = None, sliding_window: dict | None = None, seed: int = 0,
+                    state_dict: dict | None = None, name: str = "model") -> Path:
+    """Build a ``monai.networks.nets`` network (seeded), save its weights and a spec; returns the spec path."""
+    import monai.networks.nets as nets
+
+    torch.manual_seed(seed)
+    model = getattr(nets, network["name"])(**network["args"])
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / f"{name}.pt")
+    spec = {"network": network, "weights": f"{name}.pt", "task": task, "activation": activation,
+            "class_names": class_names, "preprocessing": preprocessing or []}
+    if sliding_window:
+        spec["sliding_window"] = sliding_window
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+SMALL_UNET = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                                        "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}
+SMALL_DENSENET = {"name": "DenseNet121", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                                                  "init_features": 8, "growth_rate": 4, "block_config": [2, 2, 2, 2]}}
+
+
+@pytest.fixture
+def unet_spec(tmp_path) -> Path:
+    return save_spec_model(tmp_path / "unet", SMALL_UNET, task="segmentation", class_names=["background", "tumour"])
+
+
+@pytest.fixture
+def densenet_spec(tmp_path) -> Path:
+    return save_spec_model(tmp_path / "densenet", SMALL_DENSENET, task="classification", class_names=["no tumour", "tumour"])

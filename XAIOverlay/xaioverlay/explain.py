@@ -1,0 +1,241 @@
+"""One explanation run: input volumes + model + target + methods → maps on the input's exact grid."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__, sliding
+from .errors import ModelError
+from .measure import measure
+from .methods import Method, build_methods
+from .methods.base import Attribution
+from .models.base import CLASSIFICATION, LoadedModel, ModelInput
+from .progress import NO_PROGRESS, Progress
+from .targets import Target, TargetSpec, resolve_target
+from .volumes import Volume, resample_array
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodResult:
+    """One method's map and its record."""
+
+    spec: str
+    name: str
+    label: str
+    signed: bool
+    volume: Volume  # on the first input volume's grid, float32
+    model_grid_map: torch.Tensor  # (X, Y, Z) on the model grid, CPU
+    parameters: dict
+    seconds: float
+    peak_memory_mb: float
+    memory_kind: str
+    passes: dict
+    extras: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        values = self.volume.array
+        return {
+            "spec": self.spec,
+            "method": self.name,
+            "label": self.label,
+            "signed": self.signed,
+            "parameters": self.parameters,
+            "runtime_s": round(self.seconds, 4),
+            "peak_memory_mb": self.peak_memory_mb,
+            "peak_memory_kind": self.memory_kind,
+            "passes": self.passes,
+            "value_range": [float(values.min()), float(values.max())],
+            **({"extras": self.extras} if self.extras else {}),
+        }
+
+
+@dataclass
+class Explanation:
+    """Everything one run produced, ready to write (see :mod:`xaioverlay.outputs`)."""
+
+    model: dict
+    inputs: list[Volume]
+    model_grid: dict
+    target: dict
+    output: dict
+    results: list[MethodResult]
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @property
+    def anatomy(self) -> Volume:
+        return self.inputs[0]
+
+    def record(self) -> dict:
+        """The content of ``explanation.json`` (file names are added by the writer)."""
+        return {
+            "xaioverlay_version": __version__,
+            "created": self.created,
+            "model": self.model,
+            "inputs": [
+                {
+                    "name": v.name,
+                    "size": list(v.geometry.size),
+                    "spacing_mm": list(v.geometry.spacing),
+                    "origin_lps_mm": list(v.geometry.origin),
+                    "direction_lps": list(v.geometry.direction),
+                }
+                for v in self.inputs
+            ],
+            "model_grid": self.model_grid,
+            "target": self.target,
+            "output": self.output,
+            "methods": [r.record() for r in self.results],
+        }
+
+
+def to_input_grid(values: torch.Tensor, model_input: ModelInput) -> Volume:
+    """A map on the model grid → a float32 :class:`Volume` on the first input's exact grid.
+
+    The model's preprocessing may have reoriented, resampled, cropped or padded the input; the model
+    grid's affine records all of it, so resampling by physical position undoes it (trilinear;
+    zero outside the model's field of view).
+    """
+    array = values.detach().float().cpu().numpy()
+    reference = model_input.reference
+    resampled = resample_array(
+        array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="linear"
+    )
+    return Volume(resampled.astype(np.float32), reference, model_input.volumes[0].name)
+
+
+def summarise_output(model: LoadedModel, logits: torch.Tensor, model_input: ModelInput) -> dict:
+    """The model's output and decision, as recorded with every explanation."""
+    if model.task == CLASSIFICATION:
+        probabilities = model.probabilities(logits)[0]
+        index = int(logits[0].argmax())
+        return {
+            "logits": [round(float(v), 6) for v in logits[0]],
+            "probabilities": [round(float(v), 6) for v in probabilities] if model.activation != "none" else None,
+            "predicted_index": index,
+            "predicted": model.class_names[index],
+        }
+    labels = model.predicted_labels(logits)[0]
+    voxel_ml = abs(np.linalg.det(model_input.ijk_to_ras[:3, :3])) / 1000.0
+    counts = labels.flatten(1).sum(1).tolist()
+    return {
+        "predicted_voxels": {name: int(n) for name, n in zip(model.class_names, counts)},
+        "predicted_volume_ml": {name: round(n * voxel_ml, 3) for name, n in zip(model.class_names, counts)},
+    }
+
+
+def attribute_by_window(
+    method: Method, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress
+) -> Attribution:
+    """Run ``method`` window by window (see :mod:`xaioverlay.sliding`) and sum the window maps.
+
+    Windows whose share of the target region is zero are skipped.
+    """
+    window = model.sliding_window
+    pads = sliding.window_padding(x.shape[2:], window.roi_size)
+    padded = sliding.pad(x, pads)
+    weights = sliding.pad(target.weights, pads)
+    importance, total, slices = sliding.blend_weights(window, padded.shape[2:], x.device)
+    share = torch.where(total > 0, weights / total.clamp_min(1e-12), torch.zeros_like(total))
+    active = [part for part in slices if bool((share[part] != 0).any())]
+    result = torch.zeros(padded.shape[2:], device=x.device)
+    parameters: dict = {}
+    extras: dict = {}
+    for done, part in enumerate(active, start=1):
+        window_target = target.restricted(share[part] * importance)
+        attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS)
+        result[part] += attribution.map
+        parameters = attribution.parameters
+        extras = attribution.extras
+        progress(done, len(active), unit="windows")
+    parameters = {**parameters, "windows": {"used": len(active), "total": len(slices), "roi_size": list(window.roi_size)}}
+    return Attribution(sliding.unpad(result, pads), method.signed, parameters, extras)
+
+
+def attribute(method: Method, model: LoadedModel, model_input: ModelInput, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+    """``method``'s map on the model grid, window by window when the model's inferer asks for it."""
+    if method.needs_internals and not model.internals_available:
+        raise ModelError(
+            f"{method.label} needs the network's internal layers, which a {model.format} model hides; "
+            "use a model-agnostic method (gxi, ig, occlusion) or load the model as a MONAI bundle or state dict + spec"
+        )
+    x = model_input.tensor
+    windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
+    # automatic choices are made on what the network will see: the whole input, or one window
+    method.prepare(model, x.new_zeros((*x.shape[:2], *model.sliding_window.roi_size)) if windowed else x)
+    if windowed and method.by_window and target.weights is not None:
+        return attribute_by_window(method, model, x, target, progress)
+    return method.attribute(model, x, target, progress)
+
+
+def explain(
+    model: LoadedModel,
+    volumes: Sequence[Volume],
+    methods: str | Sequence[str] | Sequence[Method],
+    target: str | TargetSpec | None = None,
+    *,
+    score: str = "logit",
+    layer: str | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> Explanation:
+    """Explain ``model``'s output for ``volumes`` with each of ``methods``.
+
+    Args:
+        volumes: co-registered input volumes, one per model input channel, in channel order.
+        methods: method specs (``"gradcam,hirescam"`` or a list) or built methods.
+        target: target spec (see :mod:`xaioverlay.targets`); None → the default target.
+        score: ``"logit"`` or ``"probability"``.
+        layer: default layer for CAM methods (None → automatic).
+        progress: receives progress events; may raise ``Cancelled``.
+
+    Returns:
+        An :class:`Explanation`; every map lies on ``volumes[0]``'s exact grid.
+    """
+    if isinstance(methods, str) or (methods and isinstance(methods[0], str)):
+        methods = build_methods(methods, layer=layer)
+    progress.message("preprocessing", stage="preprocess")
+    model_input = model.preprocess(volumes)
+    logits = model.infer(model_input.tensor)
+    resolved = resolve_target(target, model, model_input, logits, score)
+    with torch.no_grad():
+        target_value = float(resolved(logits)[0])
+    output = summarise_output(model, logits, model_input)
+    results = []
+    for number, method in enumerate(methods, start=1):
+        progress.message(f"{method.label} ({number}/{len(methods)})", stage="method", method=method.spec)
+        model.passes.reset()
+        with measure(model.device) as cost:
+            attribution = attribute(method, model, model_input, resolved, progress.child(method=method.spec))
+        values = attribution.map.detach()
+        if not torch.isfinite(values).all():
+            log.warning("%s produced non-finite values; they are set to 0", method.label)
+            values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        results.append(
+            MethodResult(
+                spec=method.spec, name=method.name, label=method.label, signed=attribution.signed,
+                volume=to_input_grid(values, model_input), model_grid_map=values.cpu(),
+                parameters=attribution.parameters, seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
+                memory_kind=cost.memory_kind, passes=model.passes.as_dict(), extras=attribution.extras,
+            )
+        )
+        log.info("%s: %.2f s, %s", method.label, cost.seconds, model.passes.as_dict())
+    model_geometry = model_input.model_geometry
+    return Explanation(
+        model=model.describe(),
+        inputs=list(volumes),
+        model_grid={
+            "size": list(model_input.spatial_shape),
+            "spacing_mm": [round(s, 6) for s in model_geometry.spacing],
+            "ijk_to_ras": np.round(model_input.ijk_to_ras, 6).tolist(),
+        },
+        target={**resolved.describe(), "value": target_value},
+        output=output,
+        results=results,
+    )

@@ -1,0 +1,70 @@
+"""What every explanation method is: one call shape, one result type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..models.base import LoadedModel
+from ..progress import NO_PROGRESS, Progress
+from ..targets import Target
+
+
+@dataclass
+class Attribution:
+    """A method's map on the model grid.
+
+    Attributes:
+        map: (X, Y, Z) float32 tensor, the model input's spatial shape.
+        signed: True when negative values carry meaning (LRP, gradient×input, IG).
+        parameters: everything needed to reproduce the map (layer, composite, steps, ...).
+        extras: facts measured along the way (e.g. LRP's conservation error).
+    """
+
+    map: torch.Tensor
+    signed: bool
+    parameters: dict
+    extras: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class: subclasses set the class attributes and implement :meth:`attribute`.
+
+    A method is built from its CLI spec ``name[:option]`` by :meth:`from_option`; ``option`` is the
+    text after the colon (None when absent).
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    signed: ClassVar[bool] = False
+    #: Hooks into layers: refused for TorchScript models.
+    needs_internals: ClassVar[bool] = False
+    #: On sliding-window models the engine runs the method window by window and sums the maps
+    #: (exact for methods linear in the target, e.g. gradients); False if the method handles windows.
+    by_window: ClassVar[bool] = True
+    #: One line for --help.
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def from_option(cls, option: str | None, *, layer: str | None = None) -> "Method":
+        if option:
+            from ..errors import InputError
+
+            raise InputError(f"method {cls.name!r} takes no option (got {cls.name}:{option})")
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        """The spec this method was built from, normalised (e.g. ``"gradcam"``)."""
+        return self.name
+
+    def prepare(self, model: LoadedModel, x: torch.Tensor) -> None:
+        """Settle automatic choices (e.g. a default layer) on the whole input, before any windowing."""
+
+    def attribute(
+        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS
+    ) -> Attribution:
+        """Explain ``target`` for input ``x`` (1, C, X, Y, Z) on the model's device."""
+        raise NotImplementedError

@@ -1,0 +1,133 @@
+"""A state dict plus a small network spec (YAML or JSON) — pure data, no code is evaluated.
+
+Example ``model.yaml``::
+
+    network:                      # a class of monai.networks.nets and its arguments
+      name: UNet
+      args: {spatial_dims: 3, in_channels: 1, out_channels: 2, channels: [8, 16, 32], strides: [2, 2]}
+    weights: model.pt             # state dict, relative to this file; loaded with weights_only=True
+    task: segmentation            # or classification
+    activation: softmax           # softmax | sigmoid | none
+    class_names: [background, tumour]
+    preprocessing:                # monai.transforms dictionary transforms, applied to key "image"
+      - {name: Orientationd, args: {keys: image, axcodes: RAS}}
+      - {name: Spacingd, args: {keys: image, pixdim: [1.5, 1.5, 2.0]}}
+      - {name: NormalizeIntensityd, args: {keys: image, nonzero: true}}
+    sliding_window: {roi_size: [96, 96, 96], overlap: 0.25, mode: gaussian}   # optional
+    input_shape: [96, 96, 96]     # optional: for listing layers without a volume
+
+``{_target_: UNet, spatial_dims: 3, ...}`` (MONAI's config style) is accepted as well. Loading and
+channel-first steps (``LoadImaged``, ``EnsureChannelFirstd``) are skipped: volumes are read with their
+geometry by XAIOverlay.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import ModelError
+from . import config
+from .base import LoadedModel, SlidingWindow, file_digest
+from .weights import apply_state_dict, load_state_dict
+
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_spec(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ModelError(f"{path}: not valid YAML/JSON ({str(error).splitlines()[0][:160]})") from None
+    if not isinstance(spec, dict):
+        raise ModelError(f"{path}: a model spec must be a mapping with 'network' and 'weights'")
+    return spec
+
+
+def _refuse_code(value: Any, where: str, path: Path) -> None:
+    if isinstance(value, str) and value.startswith(("$", "@", "%")):
+        raise ModelError(f"{path}: {where} holds an expression ({value[:40]!r}); specs are data only, give literal values")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_code(item, f"{where}.{key}", path)
+    if isinstance(value, list):
+        for item in value:
+            _refuse_code(item, where, path)
+
+
+def component(entry: Any, namespace: Any, kind: str, path: Path) -> tuple[str, dict]:
+    """``{name, args}`` or ``{_target_, **args}`` → (class name in ``namespace``, arguments)."""
+    if not isinstance(entry, dict):
+        raise ModelError(f"{path}: each {kind} must be a mapping like {{name: ..., args: {{...}}}}")
+    if "_target_" in entry:
+        name = config.target_name(entry)
+        args = {k: v for k, v in entry.items() if not k.startswith("_")}
+    else:
+        name, args = entry.get("name"), entry.get("args", {}) or {}
+    if not isinstance(name, str) or not hasattr(namespace, name):
+        raise ModelError(f"{path}: unknown {kind} {name!r}; name a class of {namespace.__name__}")
+    _refuse_code(args, f"{kind} {name}", path)
+    return name, dict(args)
+
+
+def build_transforms(entries: list, path: Path):
+    """A ``monai.transforms.Compose`` from spec entries (loading steps skipped)."""
+    import monai.transforms
+
+    items = []
+    for entry in entries or []:
+        name, args = component(entry, monai.transforms, "transform", path)
+        if name in config.LOADING_TRANSFORMS:
+            continue
+        try:
+            items.append(getattr(monai.transforms, name)(**args))
+        except TypeError as error:
+            raise ModelError(f"{path}: bad arguments for {name}: {error}") from None
+    return monai.transforms.Compose(items) if items else None
+
+
+def load_spec(path: Path, device: torch.device, amp: bool = False) -> LoadedModel:
+    import monai.networks.nets
+
+    spec = read_spec(path)
+    for key in ("network", "weights"):
+        if key not in spec:
+            raise ModelError(f"{path}: the spec needs a '{key}' entry (see the README's model spec example)")
+    name, args = component(spec["network"], monai.networks.nets, "network", path)
+    try:
+        network = getattr(monai.networks.nets, name)(**args)
+    except TypeError as error:
+        raise ModelError(f"{path}: bad arguments for {name}: {error}") from None
+    weights = (path.parent / spec["weights"]).resolve()
+    apply_state_dict(network, load_state_dict(weights), weights)
+
+    window = spec.get("sliding_window")
+    sliding_window = None
+    if window:
+        roi = window.get("roi_size") if isinstance(window, dict) else None
+        if config.int_shape(roi) is None:
+            raise ModelError(f"{path}: sliding_window needs roi_size as three positive integers")
+        sliding_window = SlidingWindow(
+            tuple(roi), float(window.get("overlap", 0.25)), str(window.get("mode", "constant")),
+            float(window.get("sigma_scale", 0.125)), int(window.get("sw_batch_size", 1)),
+        )
+    in_channels = spec.get("in_channels") or args.get("in_channels") or args.get("n_input_channels") \
+        or config.first_conv_in_channels(network) or 1
+    return LoadedModel(
+        network=network.to(device),
+        device=device,
+        task=spec.get("task", "segmentation"),
+        class_names=[str(n) for n in spec.get("class_names", [])],
+        in_channels=int(in_channels),
+        activation=spec.get("activation", "none"),
+        transforms=build_transforms(spec.get("preprocessing", []), path),
+        sliding_window=sliding_window,
+        example_shape=config.int_shape(spec.get("input_shape")) or (sliding_window.roi_size if sliding_window else (64, 64, 64)),
+        source=path,
+        format="state-dict+spec",
+        model_id=f"{path.stem}@{file_digest(weights)[:12]}",
+        amp=amp,
+    )
