@@ -1,0 +1,220 @@
+"""LRP rules: how relevance crosses one layer, written as a rewritten gradient.
+
+Convention. Relevance at any tensor ``a`` is ``R(a) = a ⊙ c(a)``, where ``c`` is what flows backwards
+through autograd in place of the gradient. Starting from the explained score ``T`` with
+``c(y) = ∂T/∂y`` at the network output gives ``R(y) = y ⊙ ∂T/∂y`` (the logit itself for a class
+target, the weighted logits over the region for a segmentation target). Then:
+
+- a layer with a rule replaces the gradient by ``c(x)`` such that ``x ⊙ c(x)`` is the rule's
+  relevance of its input (:meth:`Rule.gradient`);
+- every operation that is linear without bias or piecewise linear and positively homogeneous (ReLU,
+  PReLU, LeakyReLU, max/average pooling, trilinear upsampling, concatenation, slicing) keeps its plain
+  gradient: for ``y = f(x)`` with ``f(x) = f'(x) x`` the gradient gives ``x ⊙ c(x) = y ⊙ c(y)``, so
+  relevance passes unchanged or is routed exactly;
+- a sum ``y = a + b`` (a residual connection) keeps its plain gradient too, and that splits relevance
+  in proportion to each branch's contribution: ``R(a) = a ⊙ c(y) = (a / y) ⊙ R(y)`` and
+  ``R(a) + R(b) = R(y)``, never counted twice.
+
+Each rule sees its layer as ``z = s ⊙ L(x) + t`` (:class:`~.affine.Affine`), its input ``x``, the
+incoming ``c(z)`` and the layer's output ``z``; all tensors are (B, C, ...). The vector-Jacobian products
+of the (modified) forward maps are taken with autograd, as zennit does.
+
+Rules for the input layer (flat, z^B) give relevance to inputs whatever their value (also to zero
+inputs), so they implement :meth:`Rule.relevance` only and are marked ``input_only``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .affine import Affine
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + ε·sign(z)`` with sign(0) = +1: moves the denominator away from zero."""
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z)
+
+
+def divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` where the denominator is non-zero, 0 where it is zero."""
+    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator != 0, numerator / safe, torch.zeros_like(numerator))
+
+
+def vjp(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``Σ_i (∂outputs_i/∂inputs)ᵀ grad_outputs_i`` for each input (zeros where an input is unused)."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().requires_grad_(True)
+
+
+class Rule:
+    """Base class. Subclasses implement :meth:`gradient`, or :meth:`relevance` if ``input_only``."""
+
+    input_only: ClassVar[bool] = False
+
+    def gradient(self, layer: Affine | None, x: torch.Tensor, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``c(x)`` such that ``x ⊙ c(x)`` is the relevance of ``x``, given ``c(z)`` = ``grad``.
+
+        Args:
+            layer: the layer as an affine map (None for a non-affine element-wise layer).
+            x: the layer's input (B, C_in, ...).
+            grad: ``c(z)``, shaped like ``z``.
+            z: the layer's output (B, C_out, ...); its relevance is ``z ⊙ grad``.
+        """
+        raise NotImplementedError
+
+    def relevance(self, layer: Affine | None, x: torch.Tensor, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The relevance of ``x`` itself (B, C_in, ...)."""
+        return x * self.gradient(layer, x, grad, z)
+
+    def describe(self) -> str:
+        return type(self).__name__.lower()
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-ε: ``R_j = Σ_k z_jk / (z_k + ε·sign z_k) · R_k``; the bias and ε absorb some relevance.
+
+    ``epsilon=0`` is LRP-0: exactly the gradient (no division at all in this convention), so LRP-0 of a
+    piecewise-linear network is gradient × input.
+    """
+
+    epsilon: float = 1e-6
+
+    def gradient(self, layer, x, grad, z):
+        x = leaf(x)
+        with torch.enable_grad():
+            out = layer.scaled(x)
+        weights = grad if self.epsilon == 0 else grad * divide(z, stabilize(z, self.epsilon))
+        return vjp([out], [x], [weights])[0]
+
+    def describe(self) -> str:
+        return f"epsilon({self.epsilon:g})"
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-αβ: ``R_j = Σ_k (α z⁺_jk / Σ_j z⁺_jk − β z⁻_jk / Σ_j z⁻_jk) R_k``, α − β = 1.
+
+    ``z⁺_jk``, ``z⁻_jk``: positive and negative contributions ``s_k W_kj x_j`` (negative inputs, e.g.
+    after PReLU or a normalisation, are allowed: a negative input times a negative weight is a positive
+    contribution). The bias is not a contribution, so the rule conserves relevance wherever the
+    denominators are non-zero. α=1, β=0 is the z⁺ rule.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
+            raise ValueError(f"alpha-beta rule needs alpha, beta ≥ 0 and alpha − beta = 1 (got {self.alpha}, {self.beta})")
+
+    def gradient(self, layer, x, grad, z):
+        relevance = z * grad
+        x = leaf(x)
+        with torch.enable_grad():
+            positive, negative = layer.contributions(x, need_negative=self.beta != 0)
+        outputs, weights = [positive], [self.alpha * divide(relevance, positive.detach())]
+        if self.beta != 0:
+            outputs.append(negative)
+            weights.append(-self.beta * divide(relevance, negative.detach()))
+        return vjp(outputs, [x], weights)[0]
+
+    def describe(self) -> str:
+        return f"alpha{self.alpha:g}-beta{self.beta:g}"
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """LRP-γ, generalised to signed inputs: contributions of the output's sign are boosted by γ.
+
+    For ``z_k > 0``: ``R_j = Σ_k (z_jk + γ z⁺_jk) / (z_k + γ (Σ_j z⁺_jk + t⁺_k)) R_k``; for ``z_k < 0``
+    the same with the negative parts. With non-negative inputs and outputs this is the γ rule of
+    Montavon et al. (2019), ``w + γ w⁺``. The bias is part of the denominator (it absorbs relevance).
+    """
+
+    gamma: float = 0.25
+
+    def gradient(self, layer, x, grad, z):
+        relevance = z * grad
+        x = leaf(x)
+        with torch.enable_grad():
+            out = layer.scaled(x)
+            positive, negative = layer.contributions(x, need_negative=True)
+        up, down = (z > 0).to(z), (z < 0).to(z)
+        boost = up * positive.detach() + down * negative.detach()
+        if layer.shift is not None:
+            boost = boost + up * layer.shift.clamp(min=0) + down * layer.shift.clamp(max=0)
+        weights = divide(relevance, z + self.gamma * boost)
+        return vjp([out, positive, negative], [x], [weights, self.gamma * up * weights, self.gamma * down * weights])[0]
+
+    def describe(self) -> str:
+        return f"gamma({self.gamma:g})"
+
+
+@dataclass(frozen=True)
+class ZBox(Rule):
+    """z^B rule for inputs bounded by ``low ≤ x ≤ high`` (Montavon et al. 2017).
+
+    ``R_j = Σ_k (x_j w_jk − l_j w⁺_jk − h_j w⁻_jk) / Σ_j (...) R_k`` with the effective weights
+    ``w = s ⊙ W``. Bounds left as None are each sample's minimum and maximum input value.
+    """
+
+    input_only: ClassVar[bool] = True
+    low: float | None = None
+    high: float | None = None
+
+    def _bound(self, x: torch.Tensor, value: float | None, reduce) -> torch.Tensor:
+        if value is not None:
+            return torch.full_like(x, value)
+        extreme = reduce(x.flatten(1), dim=1).values.reshape(-1, *([1] * (x.ndim - 1)))
+        return extreme.expand_as(x).clone()
+
+    def relevance(self, layer, x, grad, z):
+        relevance = z * grad
+        low, high = leaf(self._bound(x, self.low, torch.min)), leaf(self._bound(x, self.high, torch.max))
+        x = leaf(x)
+        with torch.enable_grad():
+            out = layer.scaled(x) - layer.bound_terms(low, high)
+        gx, glow, ghigh = vjp([out], [x, low, high], [divide(relevance, out.detach())])
+        return x.detach() * gx + low.detach() * glow + high.detach() * ghigh
+
+    def describe(self) -> str:
+        bounds = "data" if self.low is None and self.high is None else f"{self.low:g},{self.high:g}"
+        return f"zbox({bounds})"
+
+
+@dataclass(frozen=True)
+class Flat(Rule):
+    """Flat rule (Lapuschkin et al. 2019): each output's relevance is shared equally by every input in
+    its receptive field, whatever the weights and input values."""
+
+    input_only: ClassVar[bool] = True
+
+    def relevance(self, layer, x, grad, z):
+        relevance = z * grad
+        ones = leaf(torch.ones_like(x))
+        with torch.enable_grad():
+            count = layer.linear(ones, "ones")
+        return vjp([count], [ones], [divide(relevance, count.detach())])[0]
+
+
+@dataclass(frozen=True)
+class Pass(Rule):
+    """Pass-through for element-wise layers: ``R(x) = R(z)`` position by position.
+
+    Used for normalisations that cannot be folded into a preceding layer (their shift is not credited,
+    so relevance is conserved and never divided by a small pre-activation) and for activations that are
+    not piecewise linear (ELU, GELU, SiLU, tanh, ...). Where the input is exactly zero its relevance
+    cannot be carried and is dropped.
+    """
+
+    def gradient(self, layer, x, grad, z):
+        return divide(z * grad, x)
