@@ -107,11 +107,11 @@ def run_rule(network: nn.Module, x: torch.Tensor, rule, first: bool, weights: to
     return lrp(model, x, target, composite).input[0].double().numpy().ravel()
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "group"])
-@pytest.mark.parametrize("rule, first", CASES, ids=[f"{r.describe()}-{'input' if f else 'inner'}" for r, f in CASES])
-def test_rule_matches_its_formula_on_a_folded_conv_norm_layer(rule, first, norm):
+def check_rule(rule, first: bool, norm: str, non_negative: bool = False) -> None:
     torch.manual_seed(1)
     x = torch.randn(1, 2, *SHAPE)
+    if non_negative:  # as after a ReLU (the α-β rule has a shortcut for it)
+        x = x.clamp(min=0)
     layer = layer_under_test(norm)
     region = (torch.rand(SHAPE) > 0.3).float() * torch.rand(SHAPE)
     weights_matrix, shift, ones = affine_of(layer, x)
@@ -127,6 +127,17 @@ def test_rule_matches_its_formula_on_a_folded_conv_norm_layer(rule, first, norm)
         network = nn.Sequential(identity, *layer).eval()
     actual = run_rule(network, x, rule, first, region)
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group"])
+@pytest.mark.parametrize("rule, first", CASES, ids=[f"{r.describe()}-{'input' if f else 'inner'}" for r, f in CASES])
+def test_rule_matches_its_formula_on_a_folded_conv_norm_layer(rule, first, norm):
+    check_rule(rule, first, norm)
+
+
+@pytest.mark.parametrize("rule", [AlphaBeta(1, 0), AlphaBeta(2, 1)], ids=lambda r: r.describe())
+def test_alpha_beta_matches_its_formula_on_non_negative_inputs(rule):
+    check_rule(rule, False, "batch", non_negative=True)
 
 
 def test_pass_rule_hands_relevance_through_standalone_norm_and_smooth_activation_unchanged():
@@ -154,3 +165,23 @@ def test_pass_rule_hands_relevance_through_standalone_norm_and_smooth_activation
     expected = (x * grad)[0]
     torch.testing.assert_close(result.input[0], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert float(result.input.sum()) == pytest.approx(float(out.sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if not r.input_only], ids=lambda r: r.describe())
+def test_batch_with_per_sample_statistics_gives_each_sample_its_own_relevance(rule):
+    # InstanceNorm statistics differ per sample, so the scale cannot be multiplied into one weight
+    # for the batch: the per-sample scale path must agree with single-sample runs
+    torch.manual_seed(3)
+    layer = layer_under_test("instance")
+    identity = nn.Conv3d(2, 2, 1, bias=False)
+    identity.weight.data.copy_(torch.eye(2).reshape(2, 2, 1, 1, 1))
+    network = nn.Sequential(identity, *layer).eval()
+    x = torch.randn(2, 2, *SHAPE) * torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1, 1)
+    region = torch.rand(SHAPE)
+    model = LoadedModel(network=network, device=torch.device("cpu"), task="segmentation", class_names=["a", "b", "c"], in_channels=2)
+    composite = Composite("test", first=Epsilon(0), convolution=rule, dense=Epsilon(0))
+    target = Target(1, "b", "logit", "none", region, {})
+    batch = lrp(model, x, target, composite).input
+    for sample in range(2):
+        single = lrp(model, x[sample:sample + 1], target, composite).input[0]
+        torch.testing.assert_close(batch[sample], single, rtol=1e-4, atol=1e-5 * float(single.abs().max()))

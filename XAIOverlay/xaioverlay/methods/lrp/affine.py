@@ -29,8 +29,9 @@ DENSE = (nn.Linear,)
 LINEAR_LAYERS = CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + DENSE
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
 
-#: Which weight ``L`` uses: the layer's own, its positive or negative part, or all ones (flat rule).
-WEIGHT_PARTS = ("all", "positive", "negative", "ones")
+#: Which weight ``L`` uses: the layer's own, its positive or negative part, its absolute value, or all
+#: ones (flat rule).
+WEIGHT_PARTS = ("all", "positive", "negative", "absolute", "ones")
 
 
 def channel_view(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -47,20 +48,24 @@ def _weight(weight: torch.Tensor, part: str) -> torch.Tensor:
         return weight.clamp(min=0)
     if part == "negative":
         return weight.clamp(max=0)
+    if part == "absolute":
+        return weight.abs()
     if part == "ones":
         return torch.ones_like(weight)
     raise ValueError(f"unknown weight part {part!r}; use one of {WEIGHT_PARTS}")
 
 
-def linear_part(module: nn.Module | None, x: torch.Tensor, part: str = "all", output_size=None) -> torch.Tensor:
-    """``L(x)`` of ``module`` without its bias, with the weight replaced by ``part`` of it.
+def linear_part(module: nn.Module | None, x: torch.Tensor, part: str = "all", output_size=None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``L(x)`` of ``module`` without its bias, with the weight (``module.weight`` unless ``weight`` is
+    given) replaced by ``part`` of it.
 
     ``module`` None is the identity (an element-wise layer); its weight is 1, so its positive part is
     the identity and its negative part is zero.
     """
     if module is None:
         return torch.zeros_like(x) if part == "negative" else x
-    weight = _weight(module.weight.to(x.dtype), part)
+    weight = _weight((module.weight if weight is None else weight).detach().to(x.dtype), part)
     if isinstance(module, CONVOLUTIONS):
         return module._conv_forward(x, weight, None)
     if isinstance(module, TRANSPOSED_CONVOLUTIONS):
@@ -73,6 +78,48 @@ def linear_part(module: nn.Module | None, x: torch.Tensor, part: str = "all", ou
     raise TypeError(f"no linear part for {type(module).__name__}")
 
 
+def linear_adjoint(module: nn.Module | None, u: torch.Tensor, input_shape, part: str = "all", output_size=None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``Lᵀ u``: the vector-Jacobian product of :func:`linear_part` without running it forward.
+
+    Args:
+        u: (B, C_out, ...) shaped like the layer's output.
+        input_shape: the layer's input shape (B, C_in, ...).
+    """
+    if module is None:
+        return torch.zeros_like(u) if part == "negative" else u
+    weight = _weight((module.weight if weight is None else weight).detach().to(u.dtype), part)
+    if isinstance(module, CONVOLUTIONS) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return torch.ops.aten.convolution_backward(
+            u, u.new_empty(1).expand(tuple(input_shape)), weight, None, module.stride,
+            module.padding, module.dilation, False, [0] * len(module.kernel_size), module.groups, [True, False, False],
+        )[0]
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):
+        convolve = (F.conv1d, F.conv2d, F.conv3d)[len(module.kernel_size) - 1]
+        return convolve(u, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, DENSE):
+        return u @ weight
+    # anything else (e.g. reflect padding): autograd through a forward pass
+    x = torch.zeros(input_shape, device=u.device, dtype=u.dtype, requires_grad=True)
+    with torch.enable_grad():
+        out = linear_part(module, x, part, output_size, weight)
+    return torch.autograd.grad(out, x, u)[0]
+
+
+def scaled_weight(module: nn.Module, scale: torch.Tensor) -> torch.Tensor | None:
+    """``module``'s weight with each output channel multiplied by ``scale`` (B, C, 1, ...), when one
+    weight serves the whole batch (batch of 1, or BatchNorm's running statistics); None otherwise."""
+    if scale.shape[0] > 1 and not bool((scale == scale[:1]).all()):
+        return None
+    factors = scale[0].reshape(-1).float()
+    weight = module.weight.detach().float()
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):  # weight (C_in, C_out / groups, k...)
+        if module.groups != 1:
+            return None
+        return weight * factors.reshape(1, -1, *([1] * (weight.ndim - 2)))
+    return weight * factors.reshape(-1, *([1] * (weight.ndim - 1)))  # (C_out, ...)
+
+
 @dataclass
 class Affine:
     """One call of a layer as ``z = scale ⊙ L(x) + shift`` (see the module docstring).
@@ -82,16 +129,31 @@ class Affine:
         scale: None or broadcastable (B, C, 1, ...) factor of a folded normalisation.
         shift: None or broadcastable (1 or B, C, 1, ...) shift (bias and folded normalisation).
         output_size: a transposed convolution's requested output size (usually None).
+        weight: the weight of ``L`` if not ``module.weight`` (a scale already multiplied in).
     """
 
     module: nn.Module | None
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     output_size: object = None
+    weight: torch.Tensor | None = None
+
+    @classmethod
+    def folded(cls, module: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None, output_size=None) -> "Affine":
+        """``scale ⊙ L(x) + shift``, with the scale multiplied into the weight when the batch allows
+        (the same map, computed with one convolution per weight part instead of two)."""
+        weight = scaled_weight(module, scale)
+        if weight is None:
+            return cls(module, scale, shift, output_size)
+        return cls(module, None, shift, output_size, weight)
 
     def linear(self, x: torch.Tensor, part: str = "all") -> torch.Tensor:
         """``L`` with ``part`` of the weight, not scaled: (B, C_in, ...) → (B, C_out, ...)."""
-        return linear_part(self.module, x, part, self.output_size)
+        return linear_part(self.module, x, part, self.output_size, self.weight)
+
+    def adjoint(self, u: torch.Tensor, input_shape, part: str = "all") -> torch.Tensor:
+        """``Lᵀ u`` for ``part`` of the weight, not scaled (see :func:`linear_adjoint`)."""
+        return linear_adjoint(self.module, u, input_shape, part, self.output_size, self.weight)
 
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
         """``s ⊙ L(x)``, the output without its shift."""

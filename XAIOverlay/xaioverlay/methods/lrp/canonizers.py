@@ -226,7 +226,7 @@ class _Session:
                 size = before.layer().output_size
 
                 def layer() -> Affine:
-                    return Affine(linear, scale, folded_shift, size)
+                    return Affine.folded(linear, scale, folded_shift, size)
 
                 step = _Step(
                     before.rule, self.relevance, before.is_input,

@@ -40,8 +40,7 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 def divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` where the denominator is non-zero, 0 where it is zero."""
-    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator != 0, numerator / safe, torch.zeros_like(numerator))
+    return torch.nan_to_num_(numerator / denominator, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def vjp(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -89,11 +88,10 @@ class Epsilon(Rule):
     epsilon: float = 1e-6
 
     def gradient(self, layer, x, grad, z):
-        x = leaf(x)
-        with torch.enable_grad():
-            out = layer.scaled(x)
         weights = grad if self.epsilon == 0 else grad * divide(z, stabilize(z, self.epsilon))
-        return vjp([out], [x], [weights])[0]
+        if layer.scale is not None:
+            weights = weights * layer.scale
+        return layer.adjoint(weights, x.shape)
 
     def describe(self) -> str:
         return f"epsilon({self.epsilon:g})"
@@ -118,6 +116,8 @@ class AlphaBeta(Rule):
 
     def gradient(self, layer, x, grad, z):
         relevance = z * grad
+        if layer.scale is None and layer.module is not None:
+            return self._direct(layer, x, relevance, z)
         x = leaf(x)
         with torch.enable_grad():
             positive, negative = layer.contributions(x, need_negative=self.beta != 0)
@@ -126,6 +126,35 @@ class AlphaBeta(Rule):
             outputs.append(negative)
             weights.append(-self.beta * divide(relevance, negative.detach()))
         return vjp(outputs, [x], weights)[0]
+
+    def _direct(self, layer, x, relevance, z):
+        """The same rule with explicit adjoints (no recomputed graph) when no per-sample scale is left.
+
+        Non-negative inputs: ``P = L⁺(x)``. Signed inputs: since ``(x w)⁺ = (x w + |x||w|) / 2``,
+        ``P = (L(x) + L_|W|(|x|)) / 2`` and ``N = (L(x) − L_|W|(|x|)) / 2``, where ``L(x) = z − t`` is
+        known: one convolution and two adjoints instead of two and two.
+        """
+        linear = z if layer.shift is None else z - layer.shift
+        if float(x.amin()) >= 0:
+            positive = layer.linear(x, "positive")
+            gradient = layer.adjoint(divide(relevance, positive).mul_(self.alpha) if self.alpha != 1 else divide(relevance, positive),
+                                     x.shape, "positive")
+            if self.beta != 0:
+                negative = linear - positive
+                gradient -= layer.adjoint(divide(relevance, negative).mul_(self.beta), x.shape, "negative")
+            return gradient
+        magnitude = layer.linear(x.abs(), "absolute")
+        # P = (L(x) + M) / 2, so α R / P = 2α R / (L(x) + M); likewise for N with L(x) − M
+        up = divide(relevance, linear + magnitude)
+        if self.alpha != 1:
+            up.mul_(self.alpha)
+        if self.beta != 0:
+            down = divide(relevance, linear - magnitude).mul_(-self.beta)
+            plain, absolute = up + down, up.sub_(down)
+        else:
+            plain, absolute = up, up
+        gradient = layer.adjoint(plain, x.shape)
+        return gradient.addcmul_(torch.sign(x), layer.adjoint(absolute, x.shape, "absolute"))
 
     def describe(self) -> str:
         return f"alpha{self.alpha:g}-beta{self.beta:g}"
