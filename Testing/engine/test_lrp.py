@@ -174,6 +174,33 @@ def test_lrp0_equals_gradient_times_input_on_a_prelu_cnn():
     assert max_relative_difference(relevance, gradient_times_input(model.network, x, target)) <= 1e-5
 
 
+class ConvOutputUsedTwice(nn.Module):
+    """A conv output that feeds a BatchNorm and also another path (fan-out), or is changed in place
+    before the BatchNorm: folding must not touch the other path / must not happen."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.conv, self.bn, self.head = nn.Conv3d(1, 3, 3, padding=1), nn.BatchNorm3d(3), nn.Conv3d(6, 2, 1)
+
+    def forward(self, x):
+        v = self.conv(x)
+        if self.in_place:
+            v += 0.5
+        return self.head(torch.cat([torch.relu(self.bn(v)), torch.relu(v)], 1))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["fan-out", "changed-in-place"])
+def test_folding_a_norm_leaves_other_uses_of_the_conv_output_exact(in_place):
+    torch.manual_seed(8)
+    network = randomise_batch_norms(ConvOutputUsedTwice(in_place), 8).eval()
+    model = loaded(network, "segmentation")
+    x = torch.randn(1, 1, 6, 6, 6)
+    target = Target(1, "c1", "logit", "softmax", torch.rand(6, 6, 6), {})
+    relevance = lrp(model, x, target, COMPOSITES["zero"]).input
+    assert max_relative_difference(relevance, gradient_times_input(network, x, target)) <= 1e-5
+
+
 # --- conservation -------------------------------------------------------------------------------
 
 def bias_free_unet() -> nn.Module:

@@ -71,7 +71,7 @@ class LRP(Method):
     label = "LRP"
     signed = True
     needs_internals = True
-    summary = f"layer-wise relevance propagation (option: composite: {', '.join(COMPOSITES)}; default {DEFAULT})"
+    summary = f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or {', '.join(c for c in COMPOSITES if c != DEFAULT)})"
 
     def __init__(self, composite: str | Composite = DEFAULT) -> None:
         if isinstance(composite, str):

@@ -136,14 +136,13 @@ class _Step:
             return self.recompute(x)
 
     def backward(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        dtype = grad.dtype
         x32, grad32 = x.detach().float(), grad.float()
         z = self.current_output(x32).float()
         layer = self.layer()
         if self.is_input:
             self.deposit.add(self.rule.relevance(layer, x32, grad32, z).to(x.dtype))
             return torch.zeros_like(x)
-        return self.rule.gradient(layer, x32, grad32, z).to(dtype)
+        return self.rule.gradient(layer, x32, grad32, z).to(x.dtype)
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -178,7 +177,6 @@ class _Session:
         self.relevance = _Relevance()
         self.producers: dict[int, tuple[_Step, weakref.ref, nn.Module]] = {}
         self.origins: dict[int, str] = {}
-        self.calls = 0
 
     def record_origin(self, name: str, module: nn.Module) -> Callable:
         """Forward hook remembering which layer's output each autograd node made (for error messages)."""
@@ -191,7 +189,7 @@ class _Session:
     def _apply(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         out = _LayerFunction.apply(x, step)
         step.keep(x, out)
-        self.calls += 1
+        step.run = None  # its closure may hold tensors that are no longer needed
         return out
 
     def linear_forward(self, module: nn.Module, original: Callable, kind: str) -> Callable:
@@ -232,6 +230,7 @@ class _Session:
                     before.rule, self.relevance, before.is_input,
                     run=lambda inputs: original(v), layer=layer, recompute=lambda inputs: layer().output(inputs),
                 )
+                before.output = None  # the convolution's own output is only recomputed if still needed
                 return self._apply(before.input, step)
             is_input = v is self.input
 
