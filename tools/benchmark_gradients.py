@@ -10,8 +10,9 @@ parameter); LRP with each named composite; gradient × input; integrated gradien
 also given as multiples of forward+backward; peak memory (process RSS on CPU, allocated memory on
 CUDA, above the level before the step) as a multiple of the training step's.
 
-Each item runs in a fresh process: peak memory is measured on its first run (before the allocator has
-kept anything from earlier work), time as the median of the following runs.
+Peak memory is measured for each item in a fresh process, on its first run (before the allocator has
+kept anything from earlier work); times are medians over rounds that take the items in turn in one
+process, so that a change of load on a shared machine affects all items alike.
 """
 
 from __future__ import annotations
@@ -88,42 +89,62 @@ def _synchronise(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_item(path: str, item: str, repeats: int, device: str, threads: int | None = None) -> dict:
-    """In this (fresh) process: peak memory of the first run, median time of ``repeats`` more."""
+def measure_memory(path: str, item: str, device: str, threads: int | None = None) -> dict:
+    """In this (fresh) process: peak memory and passes of one run of ``item``."""
     import torch
 
     from xaioverlay.measure import measure
 
     if threads:
         torch.set_num_threads(threads)
-
     model, x, target = _setup(path, device)
     run = _step(model, x, target, item)
+    model.passes.reset()
     with measure(model.device) as first:
         run()
-    model.passes.reset()
-    times = []
-    for _ in range(repeats):
-        _synchronise(model.device)
-        start = time.perf_counter()
+    return {"peak_mb": first.peak_memory_mb, "memory_kind": first.memory_kind, "passes": model.passes.as_dict(),
+            "shape": list(x.shape[2:]), "device": str(model.device)}
+
+
+def measure_times(path: str, items: list[str], rounds: int, device: str, threads: int | None = None) -> dict[str, float]:
+    """Median time of each item over ``rounds`` rounds that take the items in turn (so a change of
+    load on the machine affects all items alike); IG, 64 passes long, only in the first two rounds."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, x, target = _setup(path, device)
+    runs = {item: _step(model, x, target, item) for item in items}
+    for run in runs.values():  # warm-up
         run()
-        _synchronise(model.device)
-        times.append(time.perf_counter() - start)
-    passes = {kind: count // repeats for kind, count in model.passes.as_dict().items()}
-    return {"seconds": statistics.median(times), "peak_mb": first.peak_memory_mb, "memory_kind": first.memory_kind,
-            "passes": passes, "shape": list(x.shape[2:]), "device": str(model.device)}
+    times: dict[str, list[float]] = {item: [] for item in items}
+    for number in range(rounds):
+        for item, run in runs.items():
+            if item == "ig" and number >= 2:
+                continue
+            _synchronise(model.device)
+            start = time.perf_counter()
+            run()
+            _synchronise(model.device)
+            times[item].append(time.perf_counter() - start)
+    return {item: statistics.median(values) for item, values in times.items()}
 
 
-def _worker(arguments):
-    return measure_item(*arguments)
+def _call(arguments):
+    function, *rest = arguments
+    return function(*rest)
 
 
-def benchmark(path: str, repeats: int, device: str, threads: int | None = None, items=ITEMS) -> dict[str, dict]:
+def benchmark(path: str, rounds: int, device: str, threads: int | None = None, items=ITEMS) -> dict[str, dict]:
     context = multiprocessing.get_context("spawn")
     results = {}
     for item in items:
         with context.Pool(1) as pool:
-            results[item] = pool.apply(_worker, ((path, item, repeats if item != "ig" else max(1, repeats // 3), device, threads),))
+            results[item] = pool.apply(_call, ((measure_memory, path, item, device, threads),))
+    with context.Pool(1) as pool:
+        seconds = pool.apply(_call, ((measure_times, path, list(items), rounds, device, threads),))
+    for item in items:
+        results[item]["seconds"] = seconds[item]
     return results
 
 
@@ -143,7 +164,7 @@ def report(name: str, results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", help="models to measure (default: the demo bundles)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per item (IG: a third of them)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds over all items (IG: two)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--items", nargs="+", default=ITEMS, choices=ITEMS, metavar="ITEM",
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = {}
     for path in models:
         items = [item for item in ITEMS if item in {"forward+backward", "training step", *args.items}]
-        results = benchmark(path, args.repeats, args.device, args.threads, items)
+        results = benchmark(path, args.rounds, args.device, args.threads, items)
         everything[path] = results
         print(report(Path(path).name, results), flush=True)
     if args.json:
