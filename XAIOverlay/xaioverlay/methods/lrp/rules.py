@@ -137,8 +137,10 @@ class AlphaBeta(Rule):
         linear = z if layer.shift is None else z - layer.shift
         if float(x.amin()) >= 0:
             positive = layer.linear(x, "positive")
-            gradient = layer.adjoint(divide(relevance, positive).mul_(self.alpha) if self.alpha != 1 else divide(relevance, positive),
-                                     x.shape, "positive")
+            share = divide(relevance, positive)
+            if self.alpha != 1:
+                share.mul_(self.alpha)
+            gradient = layer.adjoint(share, x.shape, "positive")
             if self.beta != 0:
                 negative = linear - positive
                 gradient -= layer.adjoint(divide(relevance, negative).mul_(self.beta), x.shape, "negative")
