@@ -135,8 +135,8 @@ def test_rule_matches_its_formula_on_a_folded_conv_norm_layer(rule, first, norm)
     check_rule(rule, first, norm)
 
 
-@pytest.mark.parametrize("rule", [AlphaBeta(1, 0), AlphaBeta(2, 1)], ids=lambda r: r.describe())
-def test_alpha_beta_matches_its_formula_on_non_negative_inputs(rule):
+@pytest.mark.parametrize("rule", [AlphaBeta(1, 0), AlphaBeta(2, 1), Gamma(0.25)], ids=lambda r: r.describe())
+def test_rule_matches_its_formula_on_non_negative_inputs(rule):
     check_rule(rule, False, "batch", non_negative=True)
 
 
@@ -167,7 +167,7 @@ def test_pass_rule_hands_relevance_through_standalone_norm_and_smooth_activation
     assert float(result.input.sum()) == pytest.approx(float(out.sum()), rel=1e-4)
 
 
-@pytest.mark.parametrize("rule", [r for r in RULES if not r.input_only], ids=lambda r: r.describe())
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.describe())
 def test_batch_with_per_sample_statistics_gives_each_sample_its_own_relevance(rule):
     # InstanceNorm statistics differ per sample, so the scale cannot be multiplied into one weight
     # for the batch: the per-sample scale path must agree with single-sample runs
@@ -175,11 +175,14 @@ def test_batch_with_per_sample_statistics_gives_each_sample_its_own_relevance(ru
     layer = layer_under_test("instance")
     identity = nn.Conv3d(2, 2, 1, bias=False)
     identity.weight.data.copy_(torch.eye(2).reshape(2, 2, 1, 1, 1))
-    network = nn.Sequential(identity, *layer).eval()
+    network = layer if rule.input_only else nn.Sequential(identity, *layer).eval()
     x = torch.randn(2, 2, *SHAPE) * torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1, 1)
     region = torch.rand(SHAPE)
     model = LoadedModel(network=network, device=torch.device("cpu"), task="segmentation", class_names=["a", "b", "c"], in_channels=2)
-    composite = Composite("test", first=Epsilon(0), convolution=rule, dense=Epsilon(0))
+    if rule.input_only:
+        composite = Composite("test", first=rule, convolution=Epsilon(0), dense=Epsilon(0))
+    else:
+        composite = Composite("test", first=Epsilon(0), convolution=rule, dense=Epsilon(0))
     target = Target(1, "b", "logit", "none", region, {})
     batch = lrp(model, x, target, composite).input
     for sample in range(2):

@@ -175,6 +175,8 @@ class Gamma(Rule):
 
     def gradient(self, layer, x, grad, z):
         relevance = z * grad
+        if layer.scale is None and layer.module is not None:
+            return self._direct(layer, x, relevance, z)
         x = leaf(x)
         with torch.enable_grad():
             out = layer.scaled(x)
@@ -185,6 +187,21 @@ class Gamma(Rule):
             boost = boost + up * layer.shift.clamp(min=0) + down * layer.shift.clamp(max=0)
         weights = divide(relevance, z + self.gamma * boost)
         return vjp([out, positive, negative], [x], [weights, self.gamma * up * weights, self.gamma * down * weights])[0]
+
+    def _direct(self, layer, x, relevance, z):
+        """With explicit adjoints, as for α-β: ``P, N = (L(x) ± L_|W|(|x|)) / 2``. The boosted part's
+        weights are ``u`` on outputs > 0 and on outputs < 0 alike (``u`` is 0 where z = 0), so
+        ``c = (1 + γ/2) Lᵀu + (γ/2) sign(x) ⊙ L_|W|ᵀ(sign(z) ⊙ u)``: one convolution, two adjoints."""
+        linear = z if layer.shift is None else z - layer.shift
+        magnitude = layer.linear(x.abs(), "absolute")
+        up = z > 0
+        boost = torch.where(up, linear + magnitude, linear - magnitude).mul_(0.5)
+        if layer.shift is not None:
+            boost += torch.where(up, layer.shift.clamp(min=0), layer.shift.clamp(max=0))
+        weights = divide(relevance, boost.mul_(self.gamma).add_(z))
+        gradient = layer.adjoint(weights, x.shape).mul_(1 + self.gamma / 2)
+        signed = layer.adjoint(weights * torch.sign(z), x.shape, "absolute")
+        return gradient.addcmul_(torch.sign(x), signed, value=self.gamma / 2)
 
     def describe(self) -> str:
         return f"gamma({self.gamma:g})"
@@ -203,14 +220,23 @@ class ZBox(Rule):
     high: float | None = None
 
     def _bound(self, x: torch.Tensor, value: float | None, reduce) -> torch.Tensor:
+        """(B, 1, ...) per-sample bound: the given value, or the sample's extreme input value."""
         if value is not None:
-            return torch.full_like(x, value)
-        extreme = reduce(x.flatten(1), dim=1).values.reshape(-1, *([1] * (x.ndim - 1)))
-        return extreme.expand_as(x).clone()
+            return torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float(value), dtype=x.dtype, device=x.device)
+        return reduce(x.flatten(1), dim=1).values.reshape(-1, *([1] * (x.ndim - 1)))
 
     def relevance(self, layer, x, grad, z):
         relevance = z * grad
-        low, high = leaf(self._bound(x, self.low, torch.min)), leaf(self._bound(x, self.high, torch.max))
+        low, high = self._bound(x, self.low, torch.min), self._bound(x, self.high, torch.max)
+        if layer.scale is None and layer.module is not None:
+            # constant bounds: L⁺(l) = l · L⁺(1), and L(x) = z − t is known: two convolutions of ones
+            ones = torch.ones_like(x[:1])
+            linear = z if layer.shift is None else z - layer.shift
+            out = linear - low * layer.linear(ones, "positive") - high * layer.linear(ones, "negative")
+            weights = divide(relevance, out)
+            return (x * layer.adjoint(weights, x.shape) - low * layer.adjoint(weights, x.shape, "positive")
+                    - high * layer.adjoint(weights, x.shape, "negative"))
+        low, high = leaf(low.expand_as(x).clone()), leaf(high.expand_as(x).clone())
         x = leaf(x)
         with torch.enable_grad():
             out = layer.scaled(x) - layer.bound_terms(low, high)
