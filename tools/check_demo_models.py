@@ -56,9 +56,9 @@ def method_variants(model, names: list[str], layers: str) -> list[str]:
         cam_layers = [l.name for l in found] if layers == "all" else list(dict.fromkeys(blocks + [default]))
     specs = []
     for name in names:
-        if issubclass(REGISTRY[name], CAM):
+        if issubclass(REGISTRY[name.partition(":")[0]], CAM) and ":" not in name:
             specs += [f"{name}:{layer}" for layer in cam_layers]
-        else:
+        else:  # a method with its option (lrp:epsilon-gamma-box, ig:32, gradcam:LAYER) is scored as given
             specs.append(name)
     return specs
 
@@ -66,7 +66,8 @@ def method_variants(model, names: list[str], layers: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phantoms", type=int, default=20, help="tumour phantoms (and as many tumour-free ones); ≥ 20")
-    parser.add_argument("--methods", default="gradcam", help="comma-separated methods for the pointing game (default: gradcam)")
+    parser.add_argument("--methods", default="gradcam,lrp,gxi",
+                        help="comma-separated methods for the pointing game (default: gradcam,lrp,gxi; add e.g. ig, lrp:epsilon-gamma-box)")
     parser.add_argument("--layers", default="blocks", choices=("blocks", "all", "default"),
                         help="CAM layers: block outputs + the default (default), every candidate, or the default only")
     parser.add_argument("--device", default="cpu")
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     default = default_layer(model)
     hits = {spec: [] for spec in specs}
     distances = {spec: [] for spec in specs}
+    checks: dict[str, list[float]] = {}  # LRP conservation / IG completeness errors, per method
     for seed in positives:
         phantom = phantoms[seed]
         distance = distance_to_mask_mm(phantom.tumour_mask.array > 0, phantom.image.geometry.spacing)
@@ -104,6 +106,9 @@ def main(argv=None) -> int:
             values = result.volume.array
             distances[spec].append(float(distance.flat[int(np.argmax(values))]))
             hits[spec].append(bool(pointing_game(torch.from_numpy(values)[None], near)[0]))
+            for record in result.extras.values():
+                if isinstance(record, dict) and record.get("relative_error") is not None:
+                    checks.setdefault(spec, []).append(record["relative_error"])
 
     print(f"Demo classifier {bundle_path(CLASSIFIER)}")
     print(f"held-out phantoms: {n} with a tumour (seeds {positives[0]}..{positives[-1]}), "
@@ -111,12 +116,15 @@ def main(argv=None) -> int:
     print(f"accuracy                 {correct / (2 * n):.3f}  ({correct}/{2 * n})   required >= 0.95")
     print(f"tumour-removal flips     {flips / n:.3f}  ({flips}/{n})   required >= 0.90")
     print(f"pointing game: map peak within {TOLERANCE_MM:.0f} mm of the tumour, {n} tumour phantoms")
-    print(f"  {'method':<12} {'layer':<34} {'hits':>7}  {'rate':>5}  {'median distance':>15}")
+    print(f"  {'method':<12} {'layer / option':<34} {'hits':>7}  {'rate':>5}  {'median distance':>15}")
     for spec in specs:
         name, _, layer = spec.partition(":")
         label = f"{layer} (default)" if layer == default else layer
         rate = float(np.mean(hits[spec]))
         print(f"  {name:<12} {label:<34} {sum(hits[spec]):>3}/{n:<3}  {rate:5.2f}  {np.median(distances[spec]):12.1f} mm")
+    for spec, errors in checks.items():
+        kind = "conservation" if spec.startswith("lrp") else "completeness"
+        print(f"  {spec}: {kind} error median {np.median(errors):.3f}, max {np.max(errors):.3f} (relative)")
     print(f"({time.perf_counter() - start:.0f} s)")
     return 0
 

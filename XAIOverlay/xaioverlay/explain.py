@@ -147,16 +147,16 @@ def attribute_by_window(
     active = [part for part in slices if bool((share[part] != 0).any())]
     result = torch.zeros(padded.shape[2:], device=x.device)
     parameters: dict = {}
-    extras: dict = {}
+    extras: list[dict] = []
     for done, part in enumerate(active, start=1):
         window_target = target.restricted(share[part] * importance)
         attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS)
         result[part] += attribution.map
         parameters = attribution.parameters
-        extras = attribution.extras
+        extras.append(attribution.extras)
         progress(done, len(active), unit="windows")
     parameters = {**parameters, "windows": {"used": len(active), "total": len(slices), "roi_size": list(window.roi_size)}}
-    return Attribution(sliding.unpad(result, pads), method.signed, parameters, extras)
+    return Attribution(sliding.unpad(result, pads), method.signed, parameters, method.combine_extras(extras))
 
 
 def attribute(method: Method, model: LoadedModel, model_input: ModelInput, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:

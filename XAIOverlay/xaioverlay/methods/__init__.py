@@ -11,8 +11,11 @@ import difflib
 from ..errors import InputError
 from .base import Attribution, Method
 from .cam import GradCAM, GradCAMPlusPlus, HiResCAM
+from .gradients import GradientTimesInput, IntegratedGradients
+from .lrp import LRP
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (GradCAM, GradCAMPlusPlus, HiResCAM)}
+REGISTRY.update({cls.name: cls for cls in (LRP, GradientTimesInput, IntegratedGradients)})
 
 
 def split_specs(text: str) -> list[str]:

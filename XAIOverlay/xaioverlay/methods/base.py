@@ -68,3 +68,13 @@ class Method:
     ) -> Attribution:
         """Explain ``target`` for input ``x`` (1, C, X, Y, Z) on the model's device."""
         raise NotImplementedError
+
+    @classmethod
+    def combine_extras(cls, extras: list[dict]) -> dict:
+        """The extras of a whole volume from those of its sliding windows (default: the last window's)."""
+        return extras[-1] if extras else {}
+
+
+def relative_error(value: float, reference: float) -> float | None:
+    """``|value − reference| / |reference|``; None when the reference is 0 (undefined)."""
+    return abs(value - reference) / abs(reference) if reference else None

@@ -1,0 +1,103 @@
+"""Running LRP: one forward and one rewritten backward pass; the :class:`LRP` method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import InputError
+from ...models.base import LoadedModel
+from ...progress import NO_PROGRESS, Progress
+from ...targets import Target
+from ..base import Attribution, Method, relative_error
+from .canonizers import canonized, check_graph
+from .composites import COMPOSITES, DEFAULT, Composite
+
+
+@dataclass
+class Relevance:
+    """LRP's result for a batch.
+
+    Attributes:
+        input: (B, C, X, Y, Z) relevance of every input value.
+        output: (B,) relevance the explanation started from: Σ y ⊙ ∂T/∂y over the network output
+            (the explained logit — or the region's weighted sum of logits — for a logit target).
+    """
+
+    input: torch.Tensor
+    output: torch.Tensor
+
+    def conservation(self) -> dict:
+        """Σ input relevance against the starting relevance (summed over the batch)."""
+        start, end = float(self.output.sum()), float(self.input.sum())
+        return {
+            "output_relevance": start,
+            "input_relevance": end,
+            "relative_error": relative_error(end, start),
+        }
+
+
+def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composite) -> Relevance:
+    """Layer-wise relevance propagation of ``target`` for ``x`` with ``composite``'s rules.
+
+    The network runs through ``model.forward`` once; the backward pass is autograd with each layer's
+    gradient rewritten by its rule (see :mod:`.rules` and :mod:`.canonizers`). The network is restored
+    on return, also on error.
+
+    Args:
+        x: (B, C, X, Y, Z) input on the model's device.
+    Returns:
+        A :class:`Relevance`.
+    """
+    network_input = x.detach().requires_grad_(True)
+    with canonized(model.network, composite, network_input) as session, torch.enable_grad():
+        output = model.forward(network_input)
+        check_graph(output, session.origins)
+        score = target(output)
+        grad_input, grad_output = torch.autograd.grad(score.sum(), [network_input, output], allow_unused=True)
+        deposited = session.relevance.value
+    relevance = torch.zeros_like(network_input) if grad_input is None else network_input.detach() * grad_input
+    if deposited is not None:
+        relevance = relevance + deposited
+    start = (output.detach() * grad_output).flatten(1).sum(1)
+    return Relevance(relevance.detach(), start.detach())
+
+
+class LRP(Method):
+    """Layer-wise relevance propagation with a composite of rules (default: epsilon-plus-flat)."""
+
+    name = "lrp"
+    label = "LRP"
+    signed = True
+    needs_internals = True
+    summary = f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or {', '.join(c for c in COMPOSITES if c != DEFAULT)})"
+
+    def __init__(self, composite: str | Composite = DEFAULT) -> None:
+        if isinstance(composite, str):
+            if composite not in COMPOSITES:
+                raise InputError(f"unknown LRP composite {composite!r}; use one of: {', '.join(COMPOSITES)}")
+            composite = COMPOSITES[composite]
+        self.composite = composite
+        self.label = "LRP" if composite.name == DEFAULT else f"LRP ({composite.name})"
+
+    @classmethod
+    def from_option(cls, option: str | None, *, layer: str | None = None) -> "LRP":
+        return cls(option.strip().lower() if option else DEFAULT)
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.composite.name == DEFAULT else f"{self.name}:{self.composite.name}"
+
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+        result = lrp(model, x, target, self.composite)
+        progress(1, 1, unit="passes")
+        parameters = {"composite": self.composite.name, "rules": self.composite.describe()}
+        return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
+
+    @classmethod
+    def combine_extras(cls, extras: list[dict]) -> dict:
+        """Window by window: relevances add up, so the conservation error is that of the sums."""
+        start = sum(e["conservation"]["output_relevance"] for e in extras)
+        end = sum(e["conservation"]["input_relevance"] for e in extras)
+        return {"conservation": {"output_relevance": start, "input_relevance": end, "relative_error": relative_error(end, start)}}

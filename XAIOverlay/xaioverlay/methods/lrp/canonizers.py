@@ -1,0 +1,337 @@
+"""Canonizing a network for LRP: rules attached to its layers for one attribution, then removed.
+
+:func:`canonized` is a context manager. On entry it replaces the ``forward`` of every layer that needs
+a rule with one that runs the layer unchanged but routes the backward pass through the layer's rule
+(:class:`_LayerFunction`); on exit — also on error or cancellation — it restores every ``forward``
+and removes every hook, so the user's network is left exactly as it was (parameters and buffers are
+never written). What it does to the computation:
+
+- **Normalisation folded into the preceding layer.** A BatchNorm / InstanceNorm / GroupNorm whose
+  input is the untouched output of a convolution or dense layer is folded into it: with its
+  statistics detached the normalisation is a per-channel affine map ``s ⊙ v + t``, so conv + norm is
+  the single affine layer ``z = s ⊙ W x + (s ⊙ b + t)`` and the convolution's rule is applied to the
+  effective weights ``s ⊙ W`` (a negative ``s`` swaps positive and negative contributions). BatchNorm
+  in eval mode uses its running statistics (an exact, constant fold); Instance/GroupNorm use this
+  input's statistics, treated as constants.
+- **Normalisation on its own** (pre-activation blocks: DenseNet's BN–ReLU–Conv, SegResNet's
+  GN–ReLU–Conv): the composite's ``norm`` rule on the same detached-statistics affine map.
+- **Residual sums and concatenations** (MONAI ``ResidualUnit``, ``SkipConnection``, ResNet and
+  SegResNet blocks, DenseNet's concatenation) need no rewriting: in this implementation's convention
+  the plain gradient of ``a + b`` splits relevance in proportion to ``a`` and ``b`` (see :mod:`.rules`).
+- **Unsupported layers** raise :class:`~xaioverlay.errors.ModelError` naming the layer and its type
+  as soon as they run; after the forward pass, :func:`check_graph` refuses operations written in a
+  module's ``forward`` that have no LRP rule (e.g. a product of two feature maps in an attention
+  gate) instead of silently giving them plain gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ...errors import ModelError
+from .affine import DENSE, LINEAR_LAYERS, NORMS, TRANSPOSED_CONVOLUTIONS, Affine, channel_view, norm_scale_shift
+from .composites import Composite
+
+#: Layers whose plain gradient is the right propagation: positively homogeneous element-wise maps
+#: (f(x) = f'(x)·x), bias-free linear maps with non-negative weights, routing and reshaping.
+GRADIENT_LAYERS = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Upsample, nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+)
+#: Activations that are not piecewise linear: the composite's ``activation`` rule (pass-through).
+PASS_ACTIVATIONS = (
+    nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+)
+#: MONAI's own activation classes (monai.networks.blocks.activation), by class name.
+MONAI_PASS_ACTIVATIONS = ("Swish", "MemoryEfficientSwish", "Mish")
+
+#: Autograd operations allowed between layers (prefixes of ``grad_fn`` class names). Each is linear
+#: without bias or positively homogeneous, or only moves values around.
+ALLOWED_OPERATIONS = (
+    "AccumulateGrad", "_LayerFunctionBackward", "AddBackward", "SubBackward", "NegBackward",
+    "CatBackward", "StackBackward", "SplitBackward", "SplitWithSizesBackward", "UnbindBackward",
+    "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "ExpandBackward", "AliasBackward",
+    "SliceBackward", "SelectBackward", "SqueezeBackward", "UnsqueezeBackward", "PermuteBackward",
+    "TransposeBackward", "TBackward", "CloneBackward", "ToCopyBackward", "ContiguousBackward",
+    "ReluBackward", "ThresholdBackward", "LeakyReluBackward", "PreluKernelBackward", "PreluBackward",
+    "MaxPool", "AdaptiveMaxPool", "AvgPool", "AdaptiveAvgPool", "MeanBackward", "SumBackward",
+    "Upsample", "ConstantPadNdBackward", "ReflectionPad", "ReplicationPad",
+    "PixelShuffleBackward", "PixelUnshuffleBackward", "IndexBackward",
+)
+#: Allowed only with one operand that carries relevance (scaling by a constant), not a product of two.
+SCALING_OPERATIONS = ("MulBackward", "DivBackward")
+
+STEP_INPUT, STEP_OUTPUT = "input", "output"
+
+
+def layer_kind(module: nn.Module) -> str:
+    """How LRP treats ``module``: ``"convolution"``, ``"dense"``, ``"norm"``, ``"activation"`` (a rule),
+    ``"gradient"`` (plain gradient), ``"free"`` (no parameters of its own: its operations are checked
+    by :func:`check_graph`) or ``"unsupported"`` (parameters LRP has no rule for)."""
+    if isinstance(module, DENSE):
+        return "dense"
+    if isinstance(module, LINEAR_LAYERS):
+        return "convolution"
+    if isinstance(module, NORMS):
+        return "norm"
+    if isinstance(module, PASS_ACTIVATIONS) or type(module).__name__ in MONAI_PASS_ACTIVATIONS:
+        return "activation"
+    if isinstance(module, GRADIENT_LAYERS):
+        return "gradient"
+    has_own_parameters = any(p is not None for p in module._parameters.values())
+    return "unsupported" if has_own_parameters else "free"
+
+
+class _Relevance:
+    """Relevance deposited directly on the network input by input-layer rules."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def add(self, relevance: torch.Tensor) -> None:
+        self.value = relevance if self.value is None else self.value + relevance
+
+
+@dataclass
+class _Step:
+    """One call of one layer during the LRP forward pass; its backward applies the layer's rule.
+
+    ``run`` computes the layer's true output (no gradient); ``layer`` describes it as an affine map;
+    the output is kept (as a detached alias sharing its version counter) and recomputed in the
+    backward pass only if something modified it in place afterwards.
+    """
+
+    rule: object
+    deposit: _Relevance
+    is_input: bool
+    run: Callable[[torch.Tensor], torch.Tensor]
+    layer: Callable[[], Affine | None]
+    recompute: Callable[[torch.Tensor], torch.Tensor]
+    output: torch.Tensor | None = None
+    output_version: int = -1
+    input: torch.Tensor | None = None
+    input_version: int = -1
+
+    def keep(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.input, self.input_version = x, x._version
+        self.output, self.output_version = out.detach(), out._version
+
+    def current_output(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output is not None and self.output._version == self.output_version:
+            return self.output
+        with torch.no_grad():
+            return self.recompute(x)
+
+    def backward(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        x32, grad32 = x.detach().float(), grad.float()
+        z = self.current_output(x32).float()
+        layer = self.layer()
+        if self.is_input:
+            self.deposit.add(self.rule.relevance(layer, x32, grad32, z).to(x.dtype))
+            return torch.zeros_like(x)
+        return self.rule.gradient(layer, x32, grad32, z).to(x.dtype)
+
+
+class _LayerFunction(torch.autograd.Function):
+    """Forward: the layer's own output. Backward: the layer's rule (see :class:`_Step`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        ctx.step = step
+        ctx.save_for_backward(x)
+        out = step.run(x)
+        # a view made here (e.g. InstanceNorm reshapes its result) could not be modified in place later
+        return out.clone() if out._base is not None else out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.step.backward(x, grad), None
+
+
+def _bias(module: nn.Module, ndim: int) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else channel_view(bias.detach().float(), ndim)
+
+
+class _Session:
+    """State of one attribution: the composite, the network input, relevance deposited on it, and the
+    latest output of each layer (to fold a following normalisation)."""
+
+    def __init__(self, composite: Composite, network_input: torch.Tensor) -> None:
+        self.composite = composite
+        self.input = network_input
+        self.relevance = _Relevance()
+        self.producers: dict[int, tuple[_Step, weakref.ref, nn.Module]] = {}
+        self.origins: dict[int, str] = {}
+
+    def record_origin(self, name: str, module: nn.Module) -> Callable:
+        """Forward hook remembering which layer's output each autograd node made (for error messages)."""
+        def hook(module_, inputs, output):
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                self.origins.setdefault(id(output.grad_fn), f"layer '{name}' of type {type(module).__name__}")
+
+        return hook
+
+    def _apply(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        out = _LayerFunction.apply(x, step)
+        step.keep(x, out)
+        step.run = None  # its closure may hold tensors that are no longer needed
+        return out
+
+    def linear_forward(self, module: nn.Module, original: Callable, kind: str) -> Callable:
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            is_input = x is self.input
+            output_size = args[0] if args else kwargs.get("output_size")
+
+            def layer() -> Affine:
+                return Affine(module, None, _bias(module, x.ndim), output_size if isinstance(module, TRANSPOSED_CONVOLUTIONS) else None)
+
+            step = _Step(
+                self.composite.rule("first" if is_input else kind), self.relevance, is_input,
+                run=lambda inputs: original(inputs, *args, **kwargs), layer=layer,
+                recompute=lambda inputs: layer().output(inputs),
+            )
+            out = self._apply(x, step)
+            self.producers[id(out)] = (step, weakref.ref(out), module)
+            return out
+
+        return forward
+
+    def norm_forward(self, module: nn.Module, original: Callable) -> Callable:
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            scale, shift = norm_scale_shift(module, v)
+            scale, shift = channel_view(scale, v.ndim), channel_view(shift, v.ndim)
+            entry = self.producers.get(id(v))
+            before = entry[0] if entry is not None and entry[1]() is v else None
+            if before is not None and before.output_version == v._version and before.input._version == before.input_version:
+                linear = entry[2]
+                bias = _bias(linear, v.ndim)
+                folded_shift = shift if bias is None else scale * bias + shift
+                size = before.layer().output_size
+
+                def layer() -> Affine:
+                    return Affine.folded(linear, scale, folded_shift, size)
+
+                step = _Step(
+                    before.rule, self.relevance, before.is_input,
+                    run=lambda inputs: original(v), layer=layer, recompute=lambda inputs: layer().output(inputs),
+                )
+                before.output = None  # the convolution's own output is only recomputed if still needed
+                return self._apply(before.input, step)
+            is_input = v is self.input
+
+            def elementwise() -> Affine:
+                return Affine(None, scale, shift)
+
+            step = _Step(
+                self.composite.rule("first" if is_input else "norm"), self.relevance, is_input,
+                run=original, layer=elementwise, recompute=lambda inputs: elementwise().output(inputs),
+            )
+            return self._apply(v, step)
+
+        return forward
+
+    def activation_forward(self, module: nn.Module, original: Callable) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            step = _Step(self.composite.activation, self.relevance, False, run=original, layer=lambda: None,
+                         recompute=original)
+            return self._apply(x, step)
+
+        return forward
+
+
+def _refuse(name: str, module: nn.Module) -> Callable:
+    def hook(module_, inputs):
+        raise ModelError(
+            f"LRP has no rule for layer '{name}' of type {type(module).__name__}; "
+            "explain this model with gxi, ig or gradcam instead"
+        )
+
+    return hook
+
+
+@contextlib.contextmanager
+def canonized(network: nn.Module, composite: Composite, network_input: torch.Tensor) -> Iterator[_Session]:
+    """Attach ``composite``'s rules to ``network`` for attributions of ``network_input``; undo on exit.
+
+    Run the forward and backward pass inside the ``with`` block.
+    """
+    session = _Session(composite, network_input)
+    replaced: list[tuple[nn.Module, object]] = []
+    handles = []
+    missing = object()
+    try:
+        for name, module in network.named_modules():
+            kind = layer_kind(module)
+            if kind in ("free", "gradient"):
+                handles.append(module.register_forward_hook(session.record_origin(name or "(network)", module)))
+                continue
+            if kind == "unsupported":
+                handles.append(module.register_forward_pre_hook(_refuse(name or type(module).__name__, module)))
+                continue
+            original = module.forward
+            replaced.append((module, module.__dict__.get("forward", missing)))
+            if kind == "norm":
+                module.forward = session.norm_forward(module, original)
+            elif kind == "activation":
+                module.forward = session.activation_forward(module, original)
+            else:
+                module.forward = session.linear_forward(module, original, kind)
+        yield session
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, previous in reversed(replaced):
+            if previous is missing:
+                del module.forward
+            else:
+                module.forward = previous
+        session.producers.clear()
+
+
+def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None) -> None:
+    """Refuse operations without an LRP rule in the autograd graph of ``output``.
+
+    Args:
+        origins: ``id(grad_fn)`` → description of the layer whose output it made (to name it).
+    Raises:
+        ModelError: naming the operation (e.g. ``MulBackward0`` between two feature maps) and, when
+            known, the layer that ran it.
+    """
+    origins = origins or {}
+    seen: set = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        followers = [child for child, _ in node.next_functions if child is not None]
+        where = origins.get(id(node), "this network's forward code")
+        if name.startswith(SCALING_OPERATIONS):
+            if len(followers) > 1:
+                raise ModelError(
+                    f"LRP has no rule for a product or ratio of two feature maps ({name}, e.g. an attention gate) "
+                    f"in {where}; explain this model with gxi, ig or gradcam instead"
+                )
+        elif not name.startswith(ALLOWED_OPERATIONS):
+            raise ModelError(
+                f"LRP has no rule for the operation {name} in {where}; "
+                "explain this model with gxi, ig or gradcam instead"
+            )
+        stack.extend(followers)
