@@ -1,7 +1,7 @@
 """Explanation methods. Adding one: write a :class:`Method` subclass and list it in ``REGISTRY``.
 
 Method specs (CLI ``--methods``, comma-separated): ``name`` or ``name:option``, e.g.
-``gradcam``, ``gradcam:features.layer4``, ``hirescam``.
+``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``occlusion:20mm/10mm``, ``occlusion-adaptive:400``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import difflib
 from ..errors import InputError
 from .base import Attribution, Method
 from .cam import GradCAM, GradCAMPlusPlus, HiResCAM
+from .occlusion import AdaptiveOcclusion, Occlusion
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (GradCAM, GradCAMPlusPlus, HiResCAM)}
+REGISTRY.update({cls.name: cls for cls in (Occlusion, AdaptiveOcclusion)})
 
 
 def split_specs(text: str) -> list[str]:
