@@ -19,7 +19,6 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import InputError
 from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
@@ -87,9 +86,6 @@ class AdaptiveOcclusion(Occlusion):
         finest = self.grid(x.shape[2:])
         budget = self.budget or max(64, len(finest) // 10)
         levels = plan_levels(finest, budget)
-        if len(levels[0]) > budget:
-            raise InputError(f"{self.spec}: a budget of {budget} passes is below the {len(levels[0])} the coarsest grid needs; "
-                             f"give a budget of at least {len(levels[0])}")
         finest_volume = math.prod(finest.box_size)
         used, chosen_per_level, scorers = 0, [], {}
         estimate = torch.zeros(x.shape[2:], device=x.device)

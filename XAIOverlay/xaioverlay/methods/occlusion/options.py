@@ -8,6 +8,7 @@ at the occluder's scale).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,10 +29,10 @@ class Lengths:
     def voxels(self, spacing_mm: Sequence[float] | None, what: str = "occluder") -> tuple[int, int, int]:
         """In whole voxels (at least 1) on a grid of ``spacing_mm``; mm lengths need the spacing."""
         if self.unit == "vox":
-            return tuple(max(1, int(round(v))) for v in self.values)
+            return tuple(max(1, math.floor(v + 0.5)) for v in self.values)
         if spacing_mm is None:
             raise InputError(f"an {what} given in mm needs the model grid's voxel spacing; run it through explain() or give voxels")
-        return tuple(max(1, int(round(v / s))) for v, s in zip(self.values, spacing_mm))
+        return tuple(max(1, math.floor(v / s + 0.5)) for v, s in zip(self.values, spacing_mm))
 
     def half(self) -> "Lengths":
         return Lengths(tuple(v / 2 for v in self.values), self.unit)
