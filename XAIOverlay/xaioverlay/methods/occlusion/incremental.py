@@ -262,7 +262,9 @@ class IncrementalRun:
 
     def _needed(self, output_box: Box | None) -> dict[fx.Node, Box]:
         """Per node, the voxels the target can read (one box, shared by the batch)."""
-        whole = lambda node: bx.whole(self._shape(node), 1, self.device)  # noqa: E731
+        def whole(node: fx.Node) -> Box:
+            return bx.whole(self._shape(node), 1, self.device)
+
         if self.out_node not in self.by_node:
             return {}
         needed = {self.out_node: whole(self.out_node) if output_box is None or self.by_node[self.out_node].shape is None
@@ -370,22 +372,23 @@ class IncrementalRun:
                 values = self._window(step, patches, low, size)
             elif step.kind == TRANSPOSED:
                 values = self._transposed(step, patches, low, size)
-            elif step.kind in (POINTWISE, CAT):
-                read = lambda n: self.read(n, patches, low, size) if n in self.by_node and self.by_node[n].kind != CONST else self.values[n]  # noqa: E731
-                args = fx.node.map_arg(node.args, read)
-                kwargs = fx.node.map_arg(node.kwargs, read)
-                values = _run_node(self.graph, node, args, kwargs)
-            else:
-                read = lambda n: self._batched(n, patches, batch) if n in self.by_node and self.by_node[n].kind != CONST else self.values[n]  # noqa: E731
-                args = fx.node.map_arg(node.args, read)
-                kwargs = fx.node.map_arg(node.kwargs, read)
-                values = _run_node(self.graph, node, args, kwargs)
+            elif step.kind in (POINTWISE, CAT):  # the same operation on the box of every input
+                values = self._replay(node, lambda n: self.read(n, patches, low, size))
+            else:  # a global layer: run whole on every item
+                values = self._replay(node, lambda n: self._batched(n, patches, batch))
                 if step.shape is None:
                     patches[node] = values
                     continue
                 low, size = torch.zeros_like(low), step.shape
             patches[node] = Patch(values, low, valid)
         return patches.get(self.out_node)
+
+    def _replay(self, node: fx.Node, read) -> Any:
+        """Run ``node`` with its inputs that depend on the network input replaced by ``read(input)``."""
+        def value(n: fx.Node):
+            return read(n) if self.by_node[n].kind != CONST else self.values[n]
+
+        return _run_node(self.graph, node, fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value))
 
     def _window(self, step: Step, patches: dict, low: torch.Tensor, size) -> torch.Tensor:
         module = self.graph.get_submodule(step.node.target)

@@ -20,7 +20,8 @@ def run_record(scorer: OcclusionScorer) -> dict:
     """What an occlusion run measured about itself (for ``explanation.json``'s extras)."""
     record = {
         "clean_score": round(scorer.clean_score, 6),
-        "occluded_passes": scorer.evaluated,
+        "occluded_passes": scorer.evaluated,  # network passes (one per occluder and window it reaches)
+        "occluders_evaluated": scorer.occluders_evaluated,
         "skipped_unreachable": scorer.skipped,
         "engine": scorer.engine,
         "batch_size": scorer.batch_size,

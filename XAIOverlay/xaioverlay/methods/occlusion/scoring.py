@@ -212,7 +212,7 @@ class OcclusionScorer:
         self.windows = {"used": len(self.views), "total": _window_count(x, model.sliding_window)} if windowed else None
         self.clean_score = sum(s.clean_score for s in self.scorers)
         self.batch_size = batch_size or first_batch_size(x.device, max(s.item_bytes for s in self.scorers), self.engine)
-        self.evaluated = self.skipped = 0
+        self.evaluated = self.skipped = self.occluders_evaluated = 0
 
     def _scorer(self, view: View):
         if self.graph is not None:
@@ -255,6 +255,8 @@ class OcclusionScorer:
         scores = torch.full((count,), self.clean_score, dtype=torch.float64, device=boxes[0].device)
         work = self.plan(boxes)
         total = sum(len(index) for _, index, _ in work)
+        if work:
+            self.occluders_evaluated += int(torch.unique(torch.cat([index for _, index, _ in work])).numel())
         self.skipped += count * len(work) - total
         done = 0
         report(0, total)
