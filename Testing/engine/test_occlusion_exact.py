@@ -135,6 +135,16 @@ def test_each_speedup_equals_brute_force_on_a_sliding_window_segmenter(windowed_
         assert fast.extras["skipped_unreachable"] > 0
 
 
+def test_probability_of_blended_windows_is_scored_exactly(windowed_segmenter):
+    """softmax(blend of window logits) does not split into window shares: scored on the whole volume."""
+    volume = grid_volume((12, 20, 12), seed=8)
+    target = "channel:1@box:-4,-8,4,-7,-12,7"
+    brute, fast = (explain(windowed_segmenter, [volume], [Occlusion(occluder(4, 4), speedups)], target, score="probability").results[0]
+                   for speedups in (BRUTE_FORCE, Speedups()))
+    assert "probability" in fast.extras["slower_because"]
+    assert relative_difference(fast.model_grid_map, brute.model_grid_map) <= 1e-4
+
+
 @pytest.mark.parametrize("name", ["skip only", "crop only", "incremental only", "all"])
 def test_each_speedup_equals_brute_force_on_a_whole_volume_segmenter(segmenter, name):
     volume = grid_volume((20, 20, 20), seed=3)

@@ -30,7 +30,7 @@ def run_record(scorer: OcclusionScorer) -> dict:
     if scorer.windows:
         record["windows"] = scorer.windows
     if scorer.why_not_traced:
-        record["not_traced_because"] = scorer.why_not_traced
+        record["slower_because"] = scorer.why_not_traced
     return record
 
 

@@ -202,10 +202,15 @@ class OcclusionScorer:
             except Exception as error:  # scripted or dynamic networks: forward passes instead
                 self.why_not_traced = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}" if str(error) else type(error).__name__
                 log.info("occlusion: network not traceable (%s); using whole forward passes", self.why_not_traced)
-        if windowed and (not speedups.reuse_windows or target.weights is None):
+        # the target splits into per-window shares only if it is linear in the blended output: a
+        # probability is an activation of the blended logits, so such targets are scored whole
+        splits = target.weights is not None and (target.score == "logit" or target.activation == "none")
+        if windowed and not (speedups.reuse_windows and splits):
             # the model's own sliding-window inference for every occluded volume
             self.views = [View((0, 0, 0), x, fill, target)]
             self.scorers = [ForwardScorer(model, self.views[0], infer=True)]
+            if speedups.reuse_windows and not splits:
+                self.why_not_traced = "a probability of blended sliding windows is scored on the whole volume"
         else:
             self.views = make_views(model, x, fill, target)
             self.scorers = [self._scorer(v) for v in self.views]
