@@ -146,8 +146,7 @@ class AdaptiveOcclusion(Occlusion):
 
     name = "occlusion-adaptive"
     label = "Adaptive occlusion"
-    summary = ("coarse-to-fine occlusion under a pass budget (option: BUDGET[:SIZE[/STRIDE]][:FILL], SIZE = finest "
-               "occluder; default budget: a tenth of exact occlusion's passes)")
+    summary = "Adaptive occlusion: coarse to fine under a budget of passes (option: BUDGET[:SIZE[/STRIDE]][:FILL], e.g. 400:8/4)"
     demo_spec: ClassVar[str] = "occlusion-adaptive:200:8/4"
     DEFAULT_SIZE: ClassVar[Lengths] = Lengths((8.0, 8.0, 8.0))
 

@@ -49,7 +49,7 @@ class Occlusion(Method):
     label = "Occlusion"
     signed = True
     by_window = False  # not linear in the target: sliding windows are handled in .scoring
-    summary = "occlusion: target drop when a box is filled (option: SIZE[/STRIDE][:FILL], voxels or mm, e.g. 16/8, 20mm/10mm:blur)"
+    summary = "Occlusion: target drop when a box is hidden (option: SIZE[/STRIDE][:FILL], voxels or mm, e.g. 16/8, 20mm/10mm:blur)"
     demo_spec: ClassVar[str] = "occlusion:16/8"
     DEFAULT_SIZE: ClassVar[Lengths] = Lengths((16.0, 16.0, 16.0))
 
