@@ -176,6 +176,46 @@ def test_layers_run_whole_keep_instance_norm_networks_exact(tmp_path):
     assert relative_difference(fast.model_grid_map, brute) <= 1e-4
 
 
+def test_a_graph_the_tracer_gets_wrong_is_not_trusted(tmp_path):
+    """torch.fx bakes BasicUNet's ``if x_e is not None`` into its graph: the replay is checked against
+    the network's own output and whole forward passes are used instead."""
+    basic = {"name": "BasicUNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                                           "features": [2, 4, 4, 8, 8, 2], "norm": "batch"}}
+    model = load(tmp_path, basic, "segmentation", ["background", "tumour"])
+    volume = grid_volume((16, 16, 16), seed=9)
+    target = "channel:1@point:-8,-8,8,2"
+    brute = model_grid_map(model, volume, Occlusion(occluder(8, 4), BRUTE_FORCE), target)
+    fast = explain(model, [volume], [Occlusion(occluder(8, 4))], target).results[0]
+    assert fast.extras["engine"] == "forward" and "slower_because" in fast.extras
+    assert relative_difference(fast.model_grid_map, brute) <= 1e-4
+
+
+class TracedPathDiffers(torch.nn.Module):
+    """Python control flow the tracer records one way and the network runs another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if isinstance(x, torch.fx.Proxy) else 2 * y
+
+
+def test_a_graph_that_silently_differs_from_the_network_is_caught():
+    from xaioverlay.models.base import LoadedModel
+
+    model = LoadedModel(network=TracedPathDiffers(), device=torch.device("cpu"), task="segmentation",
+                        class_names=["background", "tumour"], in_channels=1)
+    volume = grid_volume((12, 12, 12), seed=10)
+    target = "channel:1@point:-6,-6,6,2"
+    brute = model_grid_map(model, volume, Occlusion(occluder(4, 4), BRUTE_FORCE), target)
+    result = explain(model, [volume], [Occlusion(occluder(4, 4))], target).results[0]
+    assert result.extras["engine"] == "forward"
+    assert "does not reproduce" in result.extras["slower_because"]
+    assert relative_difference(result.model_grid_map, brute) <= 1e-4
+
+
 def test_vectorised_box_reads_used_on_cuda_agree_on_cpu(segmenter, monkeypatch):
     volume = grid_volume((16, 20, 16), seed=4)
     target = "channel:1@point:-8,-10,8,3"

@@ -130,6 +130,11 @@ class IncrementalScorer:
             self.run = IncrementalRun(graph, view.x, needed, crop=speedups.crop, incremental=speedups.incremental)
         self.model.passes.forward += 1
         self.clean_output = self.run.output.float()
+        # tracing can bake a Python branch into the graph: the replayed graph must give the network's output
+        reference = model.forward(view.x)
+        scale = float(reference.abs().max()) or 1.0
+        if reference.shape != self.clean_output.shape or float((reference - self.clean_output).abs().max()) > 1e-3 * scale:
+            raise ValueError("the traced graph does not reproduce the network's output")
         self.clean_score = float(view.target(self.clean_output)[0])
         self.item_bytes = sum(v.numel() * v.element_size() for v in self.run.values.values() if isinstance(v, torch.Tensor))
 
