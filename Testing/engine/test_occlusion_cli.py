@@ -47,7 +47,7 @@ def test_cli_writes_the_map_and_reports_progress_in_passes(case, capsys):
     steps = [e for e in events if e["event"] == "progress" and e.get("method") == "occlusion:8/4"]
     assert steps and all(e["unit"] == "passes" for e in steps)
     assert steps[-1]["done"] == steps[-1]["total"] == exact["extras"]["occluded_passes"] == exact["parameters"]["occluders"]
-    assert exact["passes"]["forward"] == exact["extras"]["occluded_passes"] + 1  # + one clean pass
+    assert exact["passes"]["forward"] == exact["extras"]["occluded_passes"] + 2  # + the clean replay and its check
     assert adaptive["extras"]["occluders_evaluated"] <= 20
     assert [e["done"] for e in steps] == sorted(e["done"] for e in steps)
 
