@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+# before torch loads: spinning OpenMP threads starve each other on a busy CPU (Testing/conftest.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "XAIOverlay")]
@@ -132,7 +136,8 @@ def main(argv=None) -> int:
     size, stride = args.size, args.stride
     options = OccluderOptions(Lengths((float(size),) * 3), Lengths((float(stride),) * 3))
     print(f"occluder {size}^3 voxels, stride {stride}, zero fill; phantom seed {args.seed}; device {args.device}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     if "classifier" not in skip:
