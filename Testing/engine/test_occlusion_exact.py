@@ -246,3 +246,34 @@ def test_lesion_is_where_occlusion_drops_the_segmentation_score_most(segmenter):
     peak = np.unravel_index(int(values.argmax()), values.shape)
     assert float(values.max()) > 0
     assert np.abs(np.array(peak) - 10).max() <= 6
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_map(tmp_path):
+    """A real allocation failure (address space capped 80 MiB above the current use) in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = save_spec_model(tmp_path / "model", RESNET, task="classification", class_names=["a", "b"])
+    script = textwrap.dedent(f"""
+        import os, resource, sys
+        sys.path[:0] = [{str(root / "XAIOverlay")!r}, {str(root / "Testing")!r}, {str(root / "Testing" / "engine")!r}]
+        import torch
+        torch.set_num_threads(1)
+        from test_occlusion_exact import BRUTE_FORCE, Occlusion, explain, grid_volume, occluder, load_model
+        model = load_model({str(spec)!r}, device="cpu")
+        volume = grid_volume((64, 64, 64))
+        reference = explain(model, [volume], [Occlusion(occluder(16, 16), BRUTE_FORCE, batch_size=4)], "class:1").results[0]
+        with open("/proc/self/status") as status:
+            used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (used + 80 * 2**20, resource.RLIM_INFINITY))
+        squeezed = explain(model, [volume], [Occlusion(occluder(16, 16), BRUTE_FORCE, batch_size=64)], "class:1").results[0]
+        print(squeezed.extras["batch_size"], float((squeezed.model_grid_map - reference.model_grid_map).abs().max()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    batch, difference = done.stdout.split()
+    assert int(batch) < 64 and float(difference) <= 1e-6  # halved, and the same map (up to summation order)
