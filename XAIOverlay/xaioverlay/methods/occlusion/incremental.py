@@ -254,6 +254,7 @@ class IncrementalRun:
         self.incremental = incremental
         self.device = x.device
         self.needed = self._needed(needed_output if crop else None)
+        self.target_box = (self.needed if crop else self._needed(needed_output)).get(self.out_node)
         self.kinds = {kind: sum(s.kind == kind for s in self.steps) for kind in (WINDOW, TRANSPOSED, POINTWISE, CAT, GLOBAL)}
 
     # --- boxes -------------------------------------------------------------------------------
@@ -286,8 +287,12 @@ class IncrementalRun:
                 needed[source] = bx.union(needed[source], reach) if source in needed else reach
         return needed
 
-    def changed(self, occluders: Box) -> dict[fx.Node, Box]:
-        """Per node, the voxels each occluder can change ((B, 3), (B, 3)); absent: none."""
+    def changed(self, occluders: Box, incremental: bool | None = None) -> dict[fx.Node, Box]:
+        """Per node, the voxels each occluder can change ((B, 3), (B, 3)); absent: none.
+
+        ``incremental=False`` (default: as constructed) marks a layer wholly changed as soon as an
+        input is: every layer is then recomputed whole."""
+        incremental = self.incremental if incremental is None else incremental
         changed: dict[fx.Node, Box] = {}
         batch = occluders[0].shape[0]
         for step in self.steps:
@@ -299,7 +304,7 @@ class IncrementalRun:
             inputs = [changed[n] for n in step.sources if n in changed]
             if not inputs:
                 continue
-            if step.kind == GLOBAL or not self.incremental:
+            if step.kind == GLOBAL or not incremental:
                 touched = torch.stack([~bx.empty(b) for b in inputs]).any(0)
                 low, high = bx.whole(self._shape(step.node), batch, self.device)
                 changed[step.node] = (torch.where(touched[:, None], low, 0), torch.where(touched[:, None], high, 0))
@@ -315,11 +320,12 @@ class IncrementalRun:
         return changed
 
     def reaches_output(self, occluders: Box) -> torch.Tensor:
-        """(B,) True where an occluder can change what the target reads."""
-        changed = self.changed(occluders).get(self.out_node)
+        """(B,) True where an occluder can change what the target reads (the receptive-field bound:
+        boxes carried through every layer, whatever the other switches)."""
+        changed = self.changed(occluders, incremental=True).get(self.out_node)
         if changed is None:
             return torch.zeros(occluders[0].shape[0], dtype=torch.bool, device=self.device)
-        return ~bx.empty(bx.intersect(changed, self.needed[self.out_node]))
+        return ~bx.empty(bx.intersect(changed, self.target_box))
 
     # --- values ------------------------------------------------------------------------------
     def read(self, node: fx.Node, patches: dict, low: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:

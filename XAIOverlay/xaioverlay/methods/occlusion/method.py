@@ -22,15 +22,16 @@ def run_record(scorer: OcclusionScorer) -> dict:
         "clean_score": round(scorer.clean_score, 6),
         "occluded_passes": scorer.evaluated,  # network passes (one per occluder and window it reaches)
         "occluders_evaluated": scorer.occluders_evaluated,
-        "skipped_unreachable": scorer.skipped,
+        "skipped_unreachable": scorer.skipped,  # (occluder, window) pairs that cannot reach the target
         "engine": scorer.engine,
         "batch_size": scorer.batch_size,
         "speedups": scorer.speedups.describe(),
     }
     if scorer.windows:
         record["windows"] = scorer.windows
-    if scorer.why_not_traced:
-        record["slower_because"] = scorer.why_not_traced
+        record["window_passes_reused"] = scorer.reused
+    if scorer.slower_because:
+        record["slower_because"] = scorer.slower_because
     return record
 
 

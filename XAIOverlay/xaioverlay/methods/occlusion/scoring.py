@@ -125,7 +125,7 @@ class IncrementalScorer:
 
     def __init__(self, model: LoadedModel, graph, view: View, speedups: Speedups) -> None:
         self.model, self.view = model, view
-        needed = weights_box(view.target.weights) if speedups.crop else None
+        needed = weights_box(view.target.weights)
         with model.autocast():
             self.run = IncrementalRun(graph, view.x, needed, crop=speedups.crop, incremental=speedups.incremental)
         self.model.passes.forward += 1
@@ -200,13 +200,13 @@ class OcclusionScorer:
                  speedups: Speedups = Speedups(), batch_size: int | None = None) -> None:
         self.model, self.speedups = model, speedups
         windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
-        self.graph, self.why_not_traced = None, ""
+        self.graph, self.slower_because = None, ""
         if speedups.crop or speedups.incremental or speedups.skip:
             try:
                 self.graph = trace(model.network)
             except Exception as error:  # scripted or dynamic networks: forward passes instead
-                self.why_not_traced = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}" if str(error) else type(error).__name__
-                log.info("occlusion: network not traceable (%s); using whole forward passes", self.why_not_traced)
+                self.slower_because = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}" if str(error) else type(error).__name__
+                log.info("occlusion: network not traceable (%s); using whole forward passes", self.slower_because)
         # the target splits into per-window shares only if it is linear in the blended output: a
         # probability is an activation of the blended logits, so such targets are scored whole
         splits = target.weights is not None and (target.score == "logit" or target.activation == "none")
@@ -215,22 +215,22 @@ class OcclusionScorer:
             self.views = [View((0, 0, 0), x, fill, target)]
             self.scorers = [ForwardScorer(model, self.views[0], infer=True)]
             if speedups.reuse_windows and not splits:
-                self.why_not_traced = "a probability of blended sliding windows is scored on the whole volume"
+                self.slower_because = "a probability of blended sliding windows is scored on the whole volume"
         else:
             self.views = make_views(model, x, fill, target)
             self.scorers = [self._scorer(v) for v in self.views]
         self.windows = {"used": len(self.views), "total": _window_count(x, model.sliding_window)} if windowed else None
         self.clean_score = sum(s.clean_score for s in self.scorers)
         self.batch_size = batch_size or first_batch_size(x.device, max(s.item_bytes for s in self.scorers), self.engine)
-        self.evaluated = self.skipped = self.occluders_evaluated = 0
+        self.evaluated = self.skipped = self.reused = self.occluders_evaluated = 0
 
     def _scorer(self, view: View):
         if self.graph is not None:
             try:
                 return IncrementalScorer(self.model, self.graph, view, self.speedups)
             except Exception as error:  # an operation the tracer recorded but cannot replay
-                self.why_not_traced = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                log.info("occlusion: incremental inference unavailable (%s); using whole forward passes", self.why_not_traced)
+                self.slower_because = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                log.info("occlusion: incremental inference unavailable (%s); using whole forward passes", self.slower_because)
                 self.graph = None
         return ForwardScorer(self.model, view)
 
@@ -245,17 +245,24 @@ class OcclusionScorer:
             reach[index] = True
         return reach
 
-    def plan(self, boxes: bx.Box) -> list[tuple[object, torch.Tensor, bx.Box]]:
-        """Per view: indices of the boxes that must be evaluated there, and those boxes in its voxels."""
+    def plan(self, boxes: bx.Box, count: bool = False) -> list[tuple[object, torch.Tensor, bx.Box]]:
+        """Per view: indices of the boxes that must be evaluated there, and those boxes in its voxels.
+
+        With ``count``, adds to :attr:`reused` the (box, window) pairs where the box misses the window
+        and to :attr:`skipped` those where it meets the window but cannot reach the target."""
         work = []
         for view, scorer in zip(self.views, self.scorers):
             local = view.local(boxes)
             touched = ~bx.empty(local)
-            if self.speedups.skip:
+            reaching = touched
+            if self.speedups.skip and len(touched):
                 chunk = 4096
-                touched &= torch.cat([scorer.reaches((local[0][i:i + chunk], local[1][i:i + chunk]))
-                                      for i in range(0, len(touched), chunk)]) if len(touched) else touched
-            index = touched.nonzero().flatten()
+                reaching = touched & torch.cat([scorer.reaches((local[0][i:i + chunk], local[1][i:i + chunk]))
+                                                for i in range(0, len(touched), chunk)])
+            if count:
+                self.reused += int((~touched).sum())
+                self.skipped += int((touched & ~reaching).sum())
+            index = reaching.nonzero().flatten()
             work.append((scorer, index, (local[0][index], local[1][index])))
         return work
 
@@ -263,11 +270,10 @@ class OcclusionScorer:
         """Clean score minus occluded score for each box: (N,). ``report(done, total)`` counts passes."""
         count = boxes[0].shape[0]
         scores = torch.full((count,), self.clean_score, dtype=torch.float64, device=boxes[0].device)
-        work = self.plan(boxes)
+        work = self.plan(boxes, count=True)
         total = sum(len(index) for _, index, _ in work)
         if work:
             self.occluders_evaluated += int(torch.unique(torch.cat([index for _, index, _ in work])).numel())
-        self.skipped += count * len(work) - total
         done = 0
         report(0, total)
         for scorer, index, local in work:
