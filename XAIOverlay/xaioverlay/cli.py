@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -189,6 +190,9 @@ def run_demo(args: argparse.Namespace, printer: ProgressPrinter) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before torch starts its threads (build_parser imports the methods): spinning OpenMP threads
+    # starve each other on a busy CPU (see Testing/conftest.py); a value given by the user wins
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     # MONAI announces future changes of its defaults on every transform; users cannot act on them
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")

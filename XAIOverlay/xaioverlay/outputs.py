@@ -80,9 +80,15 @@ def write_outputs(explanation: Explanation, out: str | os.PathLike, *, montage: 
         write_json(record, staging / "explanation.json")
         written: dict[str, Path] = {}
         order = [*files.values(), *(["montage.png"] if record.get("montage") else []), "explanation.json"]
-        for name in order:  # explanation.json last: its presence means the set is complete
-            os.replace(staging / name, out / name)
-            written[name] = out / name
+        (out / "explanation.json").unlink(missing_ok=True)  # a previous run's record must not vouch for new maps
+        try:
+            for name in order:  # explanation.json last: its presence means the set is complete
+                os.replace(staging / name, out / name)
+                written[name] = out / name
+        except BaseException:  # interrupted (Ctrl-C) or failed half-way: take back what was moved
+            for path in written.values():
+                path.unlink(missing_ok=True)
+            raise
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Explanation methods. Adding one: write a :class:`Method` subclass and list it in ``REGISTRY``.
 
 Method specs (CLI ``--methods``, comma-separated): ``name`` or ``name:option``, e.g.
-``gradcam``, ``gradcam:features.layer4``, ``hirescam``.
+``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``ig:32``, ``occlusion:20mm/10mm``, ``occlusion-adaptive:400``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from .base import Attribution, Method
 from .cam import GradCAM, GradCAMPlusPlus, HiResCAM
 from .gradients import GradientTimesInput, IntegratedGradients
 from .lrp import LRP
+from .occlusion import AdaptiveOcclusion, Occlusion
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (GradCAM, GradCAMPlusPlus, HiResCAM)}
-REGISTRY.update({cls.name: cls for cls in (LRP, GradientTimesInput, IntegratedGradients)})
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (GradCAM, GradCAMPlusPlus, HiResCAM, LRP, GradientTimesInput, IntegratedGradients, Occlusion, AdaptiveOcclusion)
+}
 
 
 def split_specs(text: str) -> list[str]:

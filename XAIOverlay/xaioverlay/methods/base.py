@@ -46,6 +46,9 @@ class Method:
     by_window: ClassVar[bool] = True
     #: One line for --help.
     summary: ClassVar[str] = ""
+    #: Voxel spacing (mm per axis) of the grid the method sees; the engine sets it before
+    #: :meth:`prepare` so that options given in mm (occluder sizes) can be turned into voxels.
+    spacing_mm: tuple[float, float, float] | None = None
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "Method":
