@@ -165,3 +165,33 @@ def test_the_exact_attribution_deletes_fastest_and_inserts_fastest():
     assert curve.scores[0] == pytest.approx(float((weight * x[0, 0]).sum()), rel=1e-4)
     assert curve.scores[-1] == pytest.approx(0.0, abs=1e-5)
     assert curve.normalised_scores[0] == pytest.approx(1.0) and curve.normalised_scores[-1] == pytest.approx(0.0)
+
+
+def test_linear_imputation_reproduces_a_harmonic_ramp_and_keeps_kept_voxels():
+    from xaioverlay.metrics.road import linear_imputation, noisy_linear_imputation
+
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (20, 18, 16)], indexing="ij")
+    ramp = (0.3 * axes[0] - 0.2 * axes[1] + 0.1 * axes[2] + 1.0)[None, None]  # linear: its own 6-neighbour mean
+    removed = torch.zeros((2, 20, 18, 16), dtype=torch.bool)
+    removed[0, 4:14, 5:12, 3:12] = True  # one interior hole
+    removed[1, 2:18:3, 2:16:2, 2:14:2] = True  # scattered voxels
+    filled = linear_imputation(ramp, removed, iterations=200, tolerance=1e-7)
+    np.testing.assert_allclose(filled.numpy(), ramp.expand(2, -1, -1, -1, -1).numpy(), atol=1e-3)
+    noisy = noisy_linear_imputation(ramp, removed, noise=0.1, generator=torch.Generator().manual_seed(0))
+    change = (noisy - filled)[:, 0]
+    assert torch.equal(change[~removed], torch.zeros_like(change[~removed]))
+    assert float(change[removed].std()) == pytest.approx(0.1 * float(ramp.std()), rel=0.15)
+
+
+def test_road_morf_falls_below_lerf_for_the_exact_attribution():
+    from xaioverlay.metrics.road import road_curves
+
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn((12, 12, 12), generator=generator)
+    x = torch.randn((1, 1, 12, 12, 12), generator=generator)
+    model = LoadedModel(_Linear(weight), torch.device("cpu"), "classification", ["a", "b"], 1)
+    exact = weight * x[0, 0]
+    curves = road_curves(model, x, exact, Target(1, "b"), fractions=(0.2, 0.5, 0.8), noise=0.0, batch_size=4)
+    assert (curves["morf"].scores[1:] < curves["lerf"].scores[1:]).all()
+    assert curves["morf"].scores[0] == curves["lerf"].scores[0] == pytest.approx(float(exact.sum()), rel=1e-4)
+    assert model.passes.forward == 2 + 6

@@ -124,6 +124,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--randomisation-depth", default="all", metavar="N",
                         help="blocks randomised top-down in the sanity check: a number, 'all' (default) or 0 to skip")
     parser.add_argument("--no-random-logit", action="store_true", help="skip the random-logit check")
+    parser.add_argument("--road", action="store_true",
+                        help="also run 3D ROAD (MoRF/LeRF, noisy linear imputation); slow on CPU")
     parser.add_argument("--batch-size", type=int, default=8, help="perturbed inputs per forward pass (default 8)")
 
 
@@ -198,7 +200,7 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     options = MetricOptions(
         step_fraction=args.step, block=args.block, baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
         blur_sigma_mm=args.blur_sigma_mm, tolerance_mm=args.tolerance_mm,
-        randomisation_depth=None if depth == "all" else int(depth), random_logit=not args.no_random_logit,
+        randomisation_depth=None if depth == "all" else int(depth), random_logit=not args.no_random_logit, road=args.road,
         batch_size=args.batch_size,
     )
     prepare_output_folder(args.out)
@@ -216,11 +218,9 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
         from .metrics.report import table_rows
 
         table, rows = table_rows(evaluation)
-        keys = [c for c in table if c.key != "method"]
-        print(f"{'method':<16}" + "".join(f"{c.key[:14]:>15}" for c in keys))
-        for row in rows:
-            cells = "".join(f"{_cell(row.get(c.key), c.digits):>15}" for c in keys)
-            print(f"{row['method'][:16]:<16}{cells}")
+        print(f"{'':<30}" + "".join(f"{row['method'][:13]:>14}" for row in rows))
+        for column in table[1:]:
+            print(f"{column.title[:30]:<30}" + "".join(f"{_cell(row.get(column.key), column.digits):>14}" for row in rows))
     return 0
 
 

@@ -27,6 +27,7 @@ from ..volumes import Volume, resample_array
 from . import complexity, localisation
 from .agreement import agreement_matrix
 from .faithfulness import BASELINES, Curve, deletion_insertion
+from .road import RoadCurve, road_curves
 from .sanity import RANDOMISATION_THRESHOLD, RandomisationResult, RandomLogitResult, cascading_randomisation, random_logit
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class MetricOptions:
         min_blocks: split the network into at least this many blocks (see :mod:`.sanity`).
         randomisation_threshold: pass when the final Spearman correlation is below it.
         random_logit: run the random-logit check on classifiers.
+        road: also run 3D ROAD (MoRF and LeRF with noisy linear imputation, see :mod:`.road`);
+            off by default: on CPU it costs more than the time budget at 96³.
         batch_size: perturbed inputs per forward pass.
         seed: tie order, block randomisation and random class.
     """
@@ -59,6 +62,7 @@ class MetricOptions:
     min_blocks: int = 6
     randomisation_threshold: float = RANDOMISATION_THRESHOLD
     random_logit: bool = True
+    road: bool = False
     batch_size: int = 8
     seed: int = 0
 
@@ -90,6 +94,7 @@ class MethodMetrics:
     randomisation: RandomisationResult | None
     random_logit: RandomLogitResult | None
     metric_cost: dict = field(default_factory=dict)
+    road: dict[str, RoadCurve] | None = None
 
     def row(self) -> dict:
         """One flat table row (see :data:`COLUMNS`)."""
@@ -97,6 +102,8 @@ class MethodMetrics:
         for baseline, curves in self.curves.items():
             for kind, curve in curves.items():
                 row[f"{kind}_auc_{baseline}"] = curve.normalised_auc
+        for order, curve in (self.road or {}).items():
+            row[f"road_{order}"] = curve.mean_normalised
         for key, value in (self.localisation or {}).items():
             if key in LOCALISATION_KEYS:
                 row[key] = value
@@ -116,6 +123,7 @@ class MethodMetrics:
         return {
             "spec": self.spec, "label": self.label, "signed": self.signed, "cost": self.cost,
             "faithfulness": {b: {k: c.record() for k, c in curves.items()} for b, curves in self.curves.items()},
+            "road": None if self.road is None else {order: c.record() for order, c in self.road.items()},
             "localisation": self.localisation,
             "complexity": self.complexity,
             "randomisation": None if self.randomisation is None else self.randomisation.record(),
@@ -145,6 +153,8 @@ def columns(rows: Sequence[dict]) -> list[Column]:
         listed += [Column(f"deletion_auc_{baseline}", f"deletion AUC ({baseline})", -1),
                    Column(f"insertion_auc_{baseline}", f"insertion AUC ({baseline})", +1)]
     listed += [
+        Column("road_morf", "ROAD MoRF", -1),
+        Column("road_lerf", "ROAD LeRF", +1),
         Column("pointing_game", "pointing game", +1, 2),
         Column("pointing_game_size_weighted", "pointing game, size-weighted", +1),
         Column("relevance_mass", "relevance mass", +1),
@@ -318,6 +328,13 @@ def evaluate(
                     batch_size=options.batch_size, seed=options.seed, progress=stage.child(stage="faithfulness"),
                 )
         metric_cost["faithfulness"] = {"runtime_s": round(cost.seconds, 4), "passes": _passes_since(model, before)}
+        road = None
+        if options.road:
+            before = model.passes.as_dict()
+            with measure(device) as cost:
+                road = road_curves(model, x, relevance, resolved, blur_sigma_voxels=sigma, batch_size=options.batch_size,
+                                   seed=options.seed, progress=stage.child(stage="road"))
+            metric_cost["road"] = {"runtime_s": round(cost.seconds, 4), "passes": _passes_since(model, before)}
 
         located = None
         if mask is not None:
@@ -352,7 +369,7 @@ def evaluate(
             spec=result.spec, label=result.label, signed=result.signed,
             cost={key: record[key] for key in ("runtime_s", "passes", "peak_memory_mb", "peak_memory_kind")},
             curves=curves, localisation=located, complexity=sparse, randomisation=randomised, random_logit=logit,
-            metric_cost=metric_cost,
+            metric_cost=metric_cost, road=road,
         ))
         log.info("%s measured: %s", result.label, metric_cost)
 

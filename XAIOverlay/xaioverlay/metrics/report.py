@@ -99,6 +99,30 @@ def curves_svg(evaluation: Evaluation, baseline: str) -> str:
         return _svg(figure)
 
 
+def road_svg(evaluation: Evaluation) -> str | None:
+    """ROAD MoRF and LeRF curves (normalised score vs fraction removed) of every method."""
+    import matplotlib
+
+    if not any(m.road for m in evaluation.methods):
+        return None
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        figure = _figure(10, 3.6)
+        for column, (order, words) in enumerate((("morf", "most relevant first · lower is better"), ("lerf", "least relevant first · higher is better"))):
+            axes = figure.add_subplot(1, 2, column + 1)
+            for index, method in enumerate(evaluation.methods):
+                curve = (method.road or {}).get(order)
+                if curve is not None:
+                    axes.plot(curve.fractions * 100, curve.normalised_scores, marker="o", ms=3, lw=1.6, color=PALETTE[index % len(PALETTE)],
+                              label=f"{method.spec} (mean {_number(curve.mean_normalised, 3)})")
+            axes.set_xlabel("voxels removed and imputed (%)")
+            axes.set_ylabel("score (original = 1, blurred = 0)")
+            axes.set_title(f"ROAD {order.upper()} · {words}", fontsize=10)
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=8)
+        figure.tight_layout()
+        return _svg(figure)
+
+
 def randomisation_svg(evaluation: Evaluation) -> str | None:
     """Spearman(|map|, |original map|) after each cascading randomisation step, per method."""
     import matplotlib
@@ -225,6 +249,9 @@ def render_report(evaluation: Evaluation, montage_png: bytes | None) -> str:
     )
     for baseline in options.baselines:
         sections.append(f"<h2>Deletion and insertion curves ({html.escape(baseline)} baseline)</h2><figure class='plot curves'>{curves_svg(evaluation, baseline)}</figure>")
+    road = road_svg(evaluation)
+    if road:
+        sections.append(f"<h2>ROAD: removal with noisy linear imputation</h2><figure class='plot road'>{road}</figure>")
     randomisation = randomisation_svg(evaluation)
     if randomisation:
         sections.append(f"<h2>Cascading model-parameter randomisation</h2><figure class='plot randomisation'>{randomisation}</figure>")
