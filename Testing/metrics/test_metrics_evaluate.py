@@ -162,3 +162,22 @@ def test_bad_metric_options_are_refused_before_any_work(tmp_path, capsys):
     assert code == 1
     assert "unknown baseline" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_batched_windows_score_as_the_models_own_inferer(tmp_path):
+    import torch
+
+    from xaioverlay.metrics.faithfulness import target_scores
+    from xaioverlay.models import load_model
+    from xaioverlay.targets import Target
+
+    spec = save_spec_model(tmp_path / "unet", SMALL_UNET, task="segmentation", class_names=["background", "tumour"],
+                           sliding_window={"roi_size": [16, 16, 16], "overlap": 0.5, "mode": "gaussian"})
+    model = load_model(spec, device="cpu")
+    inputs = torch.randn((3, 1, 24, 20, 16), generator=torch.Generator().manual_seed(0))
+    weights = torch.rand((24, 20, 16), generator=torch.Generator().manual_seed(1))
+    target = Target(1, "tumour", weights=weights)
+    batched = target_scores(model, target, inputs)
+    one_by_one = torch.stack([target(model.infer(item[None]))[0] for item in inputs])
+    assert model.sliding_window.sw_batch_size == 1  # the user's model is not changed
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-4)

@@ -20,6 +20,7 @@ sliding-window model is scored as its own inferer runs it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -148,7 +149,14 @@ def perturbed_inputs(x: torch.Tensor, baseline: torch.Tensor, step_map: torch.Te
 
 
 def target_scores(model: LoadedModel, target: Target, inputs: torch.Tensor) -> torch.Tensor:
-    """Target score of each input, as the model's own inferer computes it: (B, C, X, Y, Z) → (B,) on CPU."""
+    """Target score of each input, as the model's own inferer computes it: (B, C, X, Y, Z) → (B,) on CPU.
+
+    A sliding-window model runs as many windows at once as there are inputs (the windows' number per
+    call changes nothing in the result, and batching them is several times faster on a CPU).
+    """
+    window = model.sliding_window
+    if window is not None and window.sw_batch_size < len(inputs):
+        model = dataclasses.replace(model, sliding_window=dataclasses.replace(window, sw_batch_size=len(inputs)))
     return target(model.infer(inputs)).detach().float().cpu()
 
 
