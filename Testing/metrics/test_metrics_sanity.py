@@ -177,3 +177,25 @@ def test_random_logit_refuses_segmenters(unet_spec):
     model = load_model(unet_spec, device="cpu")
     with pytest.raises(Exception, match="classifier"):
         random_logit(model, Target(1, "tumour", weights=torch.ones(8, 8, 8)), torch.zeros(8, 8, 8), lambda m, t: torch.zeros(8, 8, 8))
+
+
+def test_randomisation_runs_on_torchscript_and_leaves_it_untouched(tmp_path):
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    network = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1)).eval()
+    torch.jit.script(network).save(str(tmp_path / "model.ts"))
+    model = load_model(tmp_path / "model.ts", device="cpu")
+    x = _input(5)
+    before = _snapshot(model.network)
+
+    def gradient(model, target):
+        inputs = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(target(model.forward(inputs)).sum(), inputs)
+        return grad[0, 0]
+
+    target = Target(1, "class 1")
+    result = cascading_randomisation(model, x, target, gradient(model, target), gradient)
+    assert result.blocks[0] == "class_layers" and result.blocks[-1] == "features.conv0"  # registration order: no hooks
+    assert result.final < 0.5
+    assert _identical(model.network, before)

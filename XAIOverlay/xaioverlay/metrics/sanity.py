@@ -131,7 +131,7 @@ def randomise_block(network: torch.nn.Module, name: str) -> None:
     Modules with ``reset_parameters`` use PyTorch's own initialisation; other parameters are drawn
     from N(0, σ²) with σ their current standard deviation (1 if they have none).
     """
-    block = network if name == "(whole network)" else network.get_submodule(name)
+    block = network if name == "(whole network)" else dict(network.named_modules())[name]
     with torch.no_grad():
         for module in block.modules():
             if not _owns_parameters(module):
