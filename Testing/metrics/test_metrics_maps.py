@@ -195,3 +195,13 @@ def test_road_morf_falls_below_lerf_for_the_exact_attribution():
     assert (curves["morf"].scores[1:] < curves["lerf"].scores[1:]).all()
     assert curves["morf"].scores[0] == curves["lerf"].scores[0] == pytest.approx(float(exact.sum()), rel=1e-4)
     assert model.passes.forward == 2 + 6
+
+
+def test_best_values_follow_each_columns_direction_and_skip_nan_and_all_equal_columns():
+    from xaioverlay.metrics.evaluate import Column, best_rows
+
+    rows = [{"a": 0.2, "b": float("nan"), "c": 1.0}, {"a": 0.5, "b": 3.0, "c": 1.0}, {"a": 0.5, "b": 2.0, "c": 1.0}]
+    assert best_rows(rows, Column("a", "a", +1)) == {1, 2}
+    assert best_rows(rows, Column("a", "a", -1)) == {0}
+    assert best_rows(rows, Column("b", "b", -1)) == {2}
+    assert best_rows(rows, Column("c", "c", +1)) == set()
