@@ -37,7 +37,7 @@ SUMMARY = [
     ("sparseness", "Gini sparseness", "↑"),
     ("entropy", "entropy", "↓"),
     ("randomisation_spearman", "randomisation ρ", "↓"),
-    ("randomisation_pass", "randomisation pass rate", "↑"),
+    ("randomisation_pass", "randomisation passes", "↑"),
     ("random_logit_spearman", "random-logit ρ", "↓"),
     ("runtime_s", "runtime (s)", "↓"),
 ]
@@ -50,9 +50,11 @@ def summarise(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0, len(finite)
 
 
-def format_cell(mean: float, sd: float, count: int, expected: int) -> str:
+def format_cell(mean: float, sd: float, count: int, expected: int, key: str = "") -> str:
     if count == 0:
         return "–"
+    if key == "randomisation_pass":
+        return f"{round(mean * count)}/{count}"
     text = f"{mean:.2f} ± {sd:.2f}"
     return text if count == expected else f"{text} (n={count})"
 
@@ -64,7 +66,7 @@ def markdown_table(model: str, table: dict, methods: list[str], chance: dict, ex
              "| method | " + " | ".join(titles[k] for k in keys) + " |",
              "| --- |" + " --- |" * len(keys)]
     for method in methods:
-        lines.append(f"| {method} | " + " | ".join(format_cell(*table[method][k], expected) for k in keys) + " |")
+        lines.append(f"| {method} | " + " | ".join(format_cell(*table[method][k], expected, k) for k in keys) + " |")
     if chance:
         cells = [f"{chance[k][0]:.3f}" if k in chance else "" for k in keys]
         lines.append("| *chance level* | " + " | ".join(cells) + " |")
