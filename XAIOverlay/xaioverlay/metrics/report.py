@@ -279,9 +279,17 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike, *, maps: bo
         record = evaluation.record()
         record["files"] = {"csv": "metrics.csv", "report": "report.html", **({"explanation": "explanation.json"} if maps else {})}
         write_json(_finite(record), staging / "metrics.json")
-        for name in ("metrics.csv", "report.html", "metrics.json"):  # metrics.json last
-            os.replace(staging / name, out / name)
-            written[name] = out / name
+        (out / "metrics.json").unlink(missing_ok=True)  # a previous run's record must not vouch for new files
+        moved: list[Path] = []
+        try:
+            for name in ("metrics.csv", "report.html", "metrics.json"):  # metrics.json last
+                os.replace(staging / name, out / name)
+                moved.append(out / name)
+        except BaseException:  # interrupted half-way: take back what was moved
+            for path in moved:
+                path.unlink(missing_ok=True)
+            raise
+        written.update({path.name: path for path in moved})
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
