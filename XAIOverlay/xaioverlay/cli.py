@@ -119,14 +119,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="perturb cubes of this edge instead of single voxels")
     parser.add_argument("--baselines", default="blur",
                         help="deletion/insertion baselines, comma-separated: zero, mean, blur (default blur)")
-    parser.add_argument("--blur-sigma-mm", type=float, default=10.0, help="Gaussian width of the blur baseline (default 10)")
-    parser.add_argument("--tolerance-mm", type=float, default=5.0, help="pointing-game tolerance in mm (default 5)")
+    parser.add_argument("--blur-sigma-mm", type=float, default=10.0, metavar="MM", help="Gaussian width of the blur baseline (default 10)")
+    parser.add_argument("--tolerance-mm", type=float, default=5.0, metavar="MM", help="pointing-game tolerance in mm (default 5)")
     parser.add_argument("--randomisation-depth", default="all", metavar="N",
                         help="blocks randomised top-down in the sanity check: a number, 'all' (default) or 0 to skip")
     parser.add_argument("--no-random-logit", action="store_true", help="skip the random-logit check")
     parser.add_argument("--road", action="store_true",
                         help="also run 3D ROAD (MoRF/LeRF, noisy linear imputation); slow on CPU")
-    parser.add_argument("--batch-size", type=int, default=8, help="perturbed inputs per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="perturbed inputs per forward pass (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
