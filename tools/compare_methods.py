@@ -31,6 +31,8 @@ sys.path[:0] = [str(ROOT / "XAIOverlay")]
 SUMMARY = [
     ("deletion_auc_blur", "deletion AUC", "↓"),
     ("insertion_auc_blur", "insertion AUC", "↑"),
+    ("road_morf", "ROAD MoRF", "↓"),
+    ("road_lerf", "ROAD LeRF", "↑"),
     ("pointing_game", "pointing game", "↑"),
     ("relevance_mass", "relevance mass", "↑"),
     ("relevance_rank", "relevance rank", "↑"),
@@ -81,6 +83,7 @@ def main() -> int:
     parser.add_argument("--step", type=float, default=0.05, help="deletion/insertion step fraction (default 0.05)")
     parser.add_argument("--depth", default="3", help="randomisation depth: blocks from the top, or all (default 3)")
     parser.add_argument("--tolerance-mm", type=float, default=5.0)
+    parser.add_argument("--road", action="store_true", help="also run 3D ROAD (off here: it doubles the run time)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="folder for per-phantom rows (CSV) and the summary (JSON, Markdown)")
     args = parser.parse_args()
@@ -95,7 +98,7 @@ def main() -> int:
         parser.error(f"only {len(HELD_OUT_SEEDS)} held-out phantoms exist")
     seeds = list(HELD_OUT_SEEDS)[: args.phantoms]
     options = MetricOptions(step_fraction=args.step, randomisation_depth=None if args.depth == "all" else int(args.depth),
-                            tolerance_mm=args.tolerance_mm, batch_size=8)
+                            tolerance_mm=args.tolerance_mm, batch_size=8, road=args.road)
     models = {"classifier": (CLASSIFIER, "class:tumour"), "segmenter": (SEGMENTER, "channel:tumour")}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: list[dict] = []

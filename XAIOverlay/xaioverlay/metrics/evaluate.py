@@ -47,8 +47,7 @@ class MetricOptions:
         min_blocks: split the network into at least this many blocks (see :mod:`.sanity`).
         randomisation_threshold: pass when the final Spearman correlation is below it.
         random_logit: run the random-logit check on classifiers.
-        road: also run 3D ROAD (MoRF and LeRF with noisy linear imputation, see :mod:`.road`);
-            off by default: on CPU it costs more than the time budget at 96³.
+        road: run 3D ROAD (MoRF and LeRF with noisy linear imputation, see :mod:`.road`).
         batch_size: perturbed inputs per forward pass.
         seed: tie order, block randomisation and random class.
     """
@@ -62,7 +61,7 @@ class MetricOptions:
     min_blocks: int = 6
     randomisation_threshold: float = RANDOMISATION_THRESHOLD
     random_logit: bool = True
-    road: bool = False
+    road: bool = True
     batch_size: int = 8
     seed: int = 0
 

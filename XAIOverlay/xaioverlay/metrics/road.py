@@ -10,7 +10,7 @@ score should hold: higher is better).
 The imputation solves, for the removed voxels U, the discrete Laplace equation
 Σ_{v ∈ N(u)} (x_u − x_v) = 0 with the kept voxels fixed (a sparse symmetric positive-definite system),
 by conjugate gradients on the device, batched over fractions and channels, matrix-free: one
-neighbour sum per iteration. A tiny pull (ε) towards the kept voxels' mean keeps the system definite
+neighbour sum per iteration, at most 60 iterations from a coarse (4³-cell) warm start. A tiny pull (ε) towards the kept voxels' mean keeps the system definite
 when a hole has no kept neighbour.
 
 Scores are normalised as the deletion curves are: the original input scores 1 and the blurred input
@@ -25,11 +25,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
-from .faithfulness import area_under_curve, baseline_input, gaussian_blur, perturbation_steps, target_scores
+from .faithfulness import area_under_curve, baseline_input, perturbation_steps, target_scores
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORDERS = ("morf", "lerf")
@@ -62,35 +63,40 @@ def linear_imputation(
     """
     batch = removed.shape[0]
     source = x.expand(batch, -1, -1, -1, -1)
-    unknown = removed[:, None].to(x.dtype).expand_as(source)
+    unknown = removed[:, None].to(x.dtype).expand_as(source).contiguous()
     known = source * (1 - unknown)
-    degree = neighbour_sum(torch.ones_like(x[:, :1]))
     kept = (1 - unknown).sum((2, 3, 4), keepdim=True).clamp_min(1)
     mean = known.sum((2, 3, 4), keepdim=True) / kept
+    diagonal = unknown * (neighbour_sum(torch.ones_like(x[:, :1])) + epsilon)
 
-    def apply(p: torch.Tensor) -> torch.Tensor:
-        return unknown * ((degree + epsilon) * p - neighbour_sum(p))
+    def apply(p: torch.Tensor) -> torch.Tensor:  # p is zero outside the removed voxels
+        return torch.addcmul(diagonal * p, unknown, neighbour_sum(p), value=-1)
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum((2, 3, 4), keepdim=True)
 
     b = unknown * (neighbour_sum(known) + epsilon * mean)
-    # warm start: a normalised Gaussian average of the kept voxels nearby (the mean where none is near)
-    weight = gaussian_blur(1 - unknown, (2.0, 2.0, 2.0))
-    guess = gaussian_blur(known, (2.0, 2.0, 2.0)) / weight.clamp_min(1e-6)
-    u = unknown * torch.where(weight > 1e-3, guess, mean.expand_as(guess))
+    # warm start: the kept voxels' average in 4³ cells, trilinearly interpolated (their mean where a cell keeps none)
+    size = tuple(x.shape[2:])
+    cells = F.avg_pool3d(known, 4, ceil_mode=True), F.avg_pool3d(1 - unknown, 4, ceil_mode=True)
+    coarse = torch.where(cells[1] > 0, cells[0] / cells[1].clamp_min(1e-6), mean)
+    u = unknown * F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
+    del cells, coarse
     r = b - apply(u)
     p = r.clone()
-    rs = (r * r).sum((2, 3, 4), keepdim=True)
-    limit = (tolerance ** 2) * (b * b).sum((2, 3, 4), keepdim=True).clamp_min(1e-30)
+    rs = dot(r, r)
+    limit = (tolerance ** 2) * dot(b, b).clamp_min(1e-30)
     for _ in range(iterations):
         if bool((rs <= limit).all()):
             break
         ap = apply(p)
-        alpha = rs / (p * ap).sum((2, 3, 4), keepdim=True).clamp_min(1e-30)
-        u = u + alpha * p
-        r = r - alpha * ap
-        rs_next = (r * r).sum((2, 3, 4), keepdim=True)
-        p = r + (rs_next / rs.clamp_min(1e-30)) * p
+        alpha = rs / dot(p, ap).clamp_min(1e-30)
+        u.addcmul_(alpha.expand_as(p), p)
+        r.addcmul_(alpha.expand_as(ap), ap, value=-1)
+        rs_next = dot(r, r)
+        p.mul_(rs_next / rs.clamp_min(1e-30)).add_(r)
         rs = rs_next
-    return known + unknown * u
+    return known.add_(u)
 
 
 def noisy_linear_imputation(
