@@ -61,6 +61,8 @@ def test_evaluate_writes_metrics_json_csv_and_report(classifier_run):
         assert len(method["randomisation"]["spearman"]) == 3 and method["randomisation"]["verdict"] in ("pass", "fail")
         assert method["random_logit"]["other_class"] == "no tumour"
         assert method["metric_cost"]["faithfulness"]["passes"]["forward"] == 20
+        assert method["metric_cost"]["road"]["passes"]["forward"] == 2 + 2 * 9  # original, blurred, 9 fractions × MoRF/LeRF
+        assert method["road"]["morf"]["scores"][0] == pytest.approx(record["target"]["value"], rel=1e-4)
         assert method["cost"]["passes"] == {"forward": 1, "backward": 1}
     names = record["agreement"]["methods"]
     matrix = np.array(record["agreement"]["spearman"])
@@ -77,7 +79,7 @@ def test_report_is_self_contained(classifier_run):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
     assert "<script" not in page and "@import" not in page
     assert page.count('class="method-row"') == len(METHODS)
-    assert "data:image/png;base64," in page and page.count("<svg") >= 2
+    assert "data:image/png;base64," in page and page.count("<svg") >= 3  # curves, ROAD, randomisation
 
 
 def chromium() -> str:
