@@ -10,6 +10,7 @@ randomisation step (the costliest check; its depth is an option of ``xaioverlay 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -73,8 +74,11 @@ def main() -> int:
                             road=not args.no_road)
     print(f"model: {path or model.format}; map: {args.method}; volume {'×'.join(map(str, size))}; "
           f"{torch.get_num_threads()} threads; batch {args.batch_size}")
+    load = os.getloadavg()[0]
+    cpu_start = time.process_time()
     with measure("cpu") as total:
         evaluation = evaluate(model, [image], [args.method], "class:tumour", reference_mask=mask, body_mask=body, options=options)
+    cpu_seconds = time.process_time() - cpu_start
     method = evaluation.methods[0]
     costs = method.metric_cost
     faith = costs["faithfulness"]
@@ -100,6 +104,10 @@ def main() -> int:
               f"   {randomisation['runtime_s'] / max(steps, 1):.2f} s per block")
         print(f"{'= everything':<44}{total.seconds:9.2f}   {total.seconds / BUDGET_S:.2f} × the budget")
         print("blocks:", ", ".join(method.randomisation.blocks))
+    threads = torch.get_num_threads()
+    print(f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs share these cores); "
+          f"CPU time {cpu_seconds:.1f} s ÷ {threads} threads = {cpu_seconds / threads:.1f} s, "
+          f"the wall time to expect on {threads} idle cores")
     return 0
 
 

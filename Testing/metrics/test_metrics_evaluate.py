@@ -103,10 +103,40 @@ def _colour_pixels(image: np.ndarray, hex_colour: str, tolerance: int = 6) -> in
     return int((np.abs(pixels - rgb).max(-1) <= tolerance).sum())
 
 
-def test_report_renders_in_headless_chromium(classifier_run, tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``xaioverlay evaluate`` on a held-out demo phantom with the demo classifier (coarse steps to stay quick)."""
+    from xaioverlay.demo import CLASSIFIER, DEMO_SEED, bundle_path
+    from xaioverlay.phantoms import make_phantom
+
+    folder = tmp_path_factory.mktemp("demo")
+    phantom = make_phantom(DEMO_SEED)
+    image = write_volume(phantom.image, folder / "phantom_t1c.nrrd")
+    mask = write_volume(phantom.tumour_mask, folder / "tumour_mask.nrrd")
+    brain = write_volume(phantom.brain_mask, folder / "brain_mask.nrrd")
+    out = folder / "out"
+    code = main(["evaluate", "--model", str(bundle_path(CLASSIFIER)), "--input", str(image), "--target", "class:tumour",
+                 "--reference-mask", str(mask), "--body-mask", str(brain), "--methods", ",".join(METHODS),
+                 "--step", "0.2", "--randomisation-depth", "2", "--no-road", "--out", str(out), "--progress", "none"])
+    return {"code": code, "out": out}
+
+
+def test_evaluate_on_a_demo_phantom_writes_the_three_files(demo_run):
+    assert demo_run["code"] == 0
+    record = json.loads((demo_run["out"] / "metrics.json").read_text())
+    assert record["model"]["format"] == "monai-bundle" and record["target"]["name"] == "tumour"
+    assert record["comparison_region"]["name"] == "brain_mask"
+    for name in ("metrics.csv", "report.html"):
+        assert (demo_run["out"] / name).is_file()
+    for method in record["methods"]:  # the trained classifier's score falls as its most relevant voxels go
+        deletion = method["faithfulness"]["blur"]["deletion"]
+        assert deletion["scores"][-1] < deletion["scores"][0]
+
+
+def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     from matplotlib.image import imread
 
-    report = (classifier_run["out"] / "report.html").resolve()
+    report = (demo_run["out"] / "report.html").resolve()
     dom = _headless(tmp_path / "profile-dom", "--dump-dom", report.as_uri())
     assert dom.returncode == 0, dom.stderr[-500:]
     assert dom.stdout.count('class="method-row"') == len(METHODS)
