@@ -57,7 +57,7 @@ def format_cell(mean: float, sd: float, count: int, expected: int, key: str = ""
         return "–"
     if key == "randomisation_pass":
         return f"{round(mean * count)}/{count}"
-    text = f"{mean:.2f} ± {sd:.2f}"
+    text = f"{mean:.3f} ± {sd:.3f}"
     return text if count == expected else f"{text} (n={count})"
 
 
@@ -75,6 +75,27 @@ def markdown_table(model: str, table: dict, methods: list[str], chance: dict, ex
     return "\n".join(lines)
 
 
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def summarise_csv(path: Path) -> int:
+    """Print the tables of a ``comparison_rows.csv`` (chance levels are not in it)."""
+    with open(path, newline="") as stream:
+        rows = [{k: (v if k in ("model", "method") else _number(v)) for k, v in row.items()} for row in csv.DictReader(stream)]
+    for role in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == role]
+        seeds = sorted({r["seed"] for r in mine})
+        table = {m: {k: summarise([r.get(k) for r in mine if r["method"] == m]) for k, _, _ in SUMMARY}
+                 for m in dict.fromkeys(r["method"] for r in mine)}
+        print(markdown_table(role, table, list(table), {}, len(seeds)))
+        print()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (default 20)")
@@ -86,8 +107,11 @@ def main() -> int:
     parser.add_argument("--road", action="store_true", help="also run 3D ROAD (off here: it doubles the run time)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="folder for per-phantom rows (CSV) and the summary (JSON, Markdown)")
+    parser.add_argument("--summarise", default=None, metavar="CSV", help="only print the tables of an earlier run's comparison_rows.csv")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.summarise:
+        return summarise_csv(Path(args.summarise))
 
     from xaioverlay.demo import CLASSIFIER, SEGMENTER, bundle_path, demo_methods
     from xaioverlay.metrics.evaluate import MetricOptions, evaluate
