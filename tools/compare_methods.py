@@ -84,7 +84,7 @@ def _number(text: str):
 
 def summarise_csv(path: Path) -> int:
     """Print the tables of a ``comparison_rows.csv`` (chance levels are not in it)."""
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         rows = [{k: (v if k in ("model", "method") else _number(v)) for k, v in row.items()} for row in csv.DictReader(stream)]
     for role in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == role]
@@ -162,15 +162,15 @@ def main() -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         fields = ["model", "seed", *dict.fromkeys(k for r in rows for k in r if k not in ("model", "seed"))]
-        with open(out / "comparison_rows.csv", "w", newline="") as stream:
+        with open(out / "comparison_rows.csv", "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         (out / "comparison_summary.json").write_text(json.dumps(
-            {"phantom_seeds": seeds, "options": vars(args), "models": summaries}, indent=2, default=str))
+            {"phantom_seeds": seeds, "options": vars(args), "models": summaries}, indent=2, default=str), encoding="utf-8")
         (out / "comparison.md").write_text("\n\n".join(
             markdown_table(f"{role}: {s['model']}, target {s['target']}", s["methods"], list(s["methods"]), s["chance"], len(seeds))
-            for role, s in summaries.items()) + "\n")
+            for role, s in summaries.items()) + "\n", encoding="utf-8")
         print(f"wrote {out / 'comparison_rows.csv'}, comparison_summary.json, comparison.md")
     return 0
 

@@ -45,7 +45,7 @@ def test_evaluate_writes_metrics_json_csv_and_report(classifier_run):
     for name in ("metrics.json", "metrics.csv", "report.html", "explanation.json", "montage.png", "gradcam.nrrd"):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
-    record = json.loads((out / "metrics.json").read_text())
+    record = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert [m["spec"] for m in record["methods"]] == METHODS
     mask = classifier_run["mask"].array > 0
     chance = record["reference_mask"]["chance"]
@@ -67,7 +67,7 @@ def test_evaluate_writes_metrics_json_csv_and_report(classifier_run):
     names = record["agreement"]["methods"]
     matrix = np.array(record["agreement"]["spearman"])
     assert names == METHODS and matrix.shape == (3, 3) and np.allclose(np.diag(matrix), 1) and np.allclose(matrix, matrix.T)
-    with open(out / "metrics.csv", newline="") as stream:
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["method"] for row in rows] == METHODS
     assert float(rows[0]["relevance_mass_chance"]) == pytest.approx(mask.mean())
@@ -75,7 +75,7 @@ def test_evaluate_writes_metrics_json_csv_and_report(classifier_run):
 
 
 def test_report_is_self_contained(classifier_run):
-    page = (classifier_run["out"] / "report.html").read_text()
+    page = (classifier_run["out"] / "report.html").read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
     assert "<script" not in page and "@import" not in page
     assert page.count('class="method-row"') == len(METHODS)
@@ -123,7 +123,7 @@ def demo_run(tmp_path_factory):
 
 def test_evaluate_on_a_demo_phantom_writes_the_three_files(demo_run):
     assert demo_run["code"] == 0
-    record = json.loads((demo_run["out"] / "metrics.json").read_text())
+    record = json.loads((demo_run["out"] / "metrics.json").read_text(encoding="utf-8"))
     assert record["model"]["format"] == "monai-bundle" and record["target"]["name"] == "tumour"
     assert record["comparison_region"]["name"] == "brain_mask"
     for name in ("metrics.csv", "report.html"):
@@ -166,13 +166,13 @@ def test_evaluate_a_sliding_window_segmenter(tmp_path):
                  "--methods", "gradcam", "--target", f"channel:tumour@mask:{mask}", "--step", "0.25", "--block", "4",
                  "--baselines", "zero,mean", "--randomisation-depth", "2", "--out", str(out), "--progress", "none"])
     assert code == 0
-    record = json.loads((out / "metrics.json").read_text())
+    record = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     method = record["methods"][0]
     assert set(method["faithfulness"]) == {"zero", "mean"}
     assert len(method["faithfulness"]["zero"]["deletion"]["scores"]) == 5
     assert method["random_logit"] is None  # a segmenter has no classes to swap
     assert record["agreement"]["region"] == "body mask" and record["comparison_region"]["voxels"] > 0
-    assert "deletion AUC (zero)" in (out / "report.html").read_text()
+    assert "deletion AUC (zero)" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_a_bad_reference_mask_fails_in_one_line_and_writes_no_metrics(classifier_run, tmp_path, capsys):

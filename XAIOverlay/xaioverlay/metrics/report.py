@@ -51,7 +51,7 @@ def write_csv(evaluation: Evaluation, path: Path) -> Path:
     table, rows = table_rows(evaluation)
     chance = (evaluation.reference or {}).get("chance", {})
     fields = [c.key for c in table] + [f"{key}_chance" for key in LOCALISATION_KEYS if key in chance]
-    with open(path, "w", newline="") as stream:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
