@@ -21,6 +21,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# the report rendering test needs a headless Chromium (installed here when missing)
+.PHONY: browser
+test: browser
+browser:
+	sh tools/ensure_chromium.sh
+
 check-demo: $(STAMP)
 	$(PY) tools/check_demo_models.py
 

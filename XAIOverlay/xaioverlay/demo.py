@@ -54,6 +54,7 @@ def run_demo(out: str | os.PathLike = "xaioverlay-demo", device: str = "auto", p
     inputs.mkdir(exist_ok=True)
     image = write_volume(phantom.image, inputs / "phantom_t1c.nrrd")
     write_volume(phantom.tumour_mask, inputs / "tumour_mask.nrrd")
+    write_volume(phantom.brain_mask, inputs / "brain_mask.nrrd")  # for `xaioverlay evaluate --body-mask`
     places = {"inputs": inputs}
     for role, name, target in (("classifier", CLASSIFIER, "class:tumour"), ("segmenter", SEGMENTER, "channel:tumour")):
         progress.message(f"{role}: {name}", stage="model")

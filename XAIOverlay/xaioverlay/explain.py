@@ -68,6 +68,9 @@ class Explanation:
     output: dict
     results: list[MethodResult]
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    #: What the maps were computed from, kept for evaluating them (not written to explanation.json).
+    model_input: ModelInput | None = field(default=None, repr=False)
+    resolved_target: Target | None = field(default=None, repr=False)
 
     @property
     def anatomy(self) -> Volume:
@@ -239,4 +242,6 @@ def explain(
         target={**resolved.describe(), "value": target_value},
         output=output,
         results=results,
+        model_input=model_input,
+        resolved_target=resolved,
     )
