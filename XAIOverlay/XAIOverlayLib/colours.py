@@ -1,0 +1,189 @@
+"""Colour tables, thresholds, opacity and legends of the maps.
+
+The module makes its own tables so a map looks the same in every Slicer (file-based tables such as
+Inferno are not loaded everywhere):
+
+- ``XAIOverlay Heat`` (sequential) for non-negative maps (Grad-CAM family, occlusion): the window is
+  [0, max] and Slicer's display threshold hides everything below the chosen percentile.
+- ``XAIOverlay Signed`` (diverging, blue < 0 < red, symmetric) for signed maps (LRP, gradient×input,
+  IG): the window is [−M, M] with M = max |value|. A display threshold keeps one interval and cannot
+  hide the band −t < v < t between two shown tails, so each signed map gets a copy of the table whose
+  entries inside that band are transparent (hidden from editors, removed with the map).
+
+"Top 5 %" means the 95th percentile of the non-zero magnitudes (the montage uses the same rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+
+from . import nodes
+
+HEAT = "XAIOverlay Heat"
+SIGNED = "XAIOverlay Signed"
+ENTRIES = 256
+
+#: (position, red, green, blue) anchors, linearly interpolated.
+HEAT_ANCHORS = ((0.0, 0.10, 0.00, 0.20), (0.30, 0.50, 0.05, 0.45), (0.55, 0.88, 0.18, 0.18),
+                (0.80, 1.00, 0.62, 0.05), (1.00, 1.00, 1.00, 0.65))
+SIGNED_ANCHORS = ((0.0, 0.02, 0.20, 0.70), (0.25, 0.30, 0.60, 1.00), (0.50, 0.96, 0.96, 0.96),
+                  (0.75, 1.00, 0.55, 0.25), (1.00, 0.70, 0.00, 0.05))
+
+
+def palette(anchors, entries: int = ENTRIES) -> np.ndarray:
+    """(entries, 3) RGB in [0, 1], interpolated between anchors."""
+    anchors = np.asarray(anchors, float)
+    positions = np.linspace(0.0, 1.0, entries)
+    return np.stack([np.interp(positions, anchors[:, 0], anchors[:, channel]) for channel in (1, 2, 3)], axis=1)
+
+
+def entry_values(low: float, high: float, entries: int = ENTRIES) -> np.ndarray:
+    """Centre value of each table entry when the table spans [low, high]."""
+    width = (high - low) / entries
+    return low + width * (np.arange(entries) + 0.5)
+
+
+def visible_threshold(values: np.ndarray, signed: bool, percentile: float) -> float:
+    """Smallest magnitude shown: the ``percentile`` of the non-zero magnitudes (inf if none)."""
+    from xaioverlay.montage import overlay_threshold
+
+    return overlay_threshold(np.asarray(values, np.float32), signed, top_fraction=1.0 - percentile / 100.0)
+
+
+def _fill_table(table, rgb: np.ndarray, alpha: np.ndarray) -> None:
+    table.SetTypeToUser()
+    table.SetNumberOfColors(len(rgb))
+    for index, ((r, g, b), a) in enumerate(zip(rgb, alpha)):
+        table.SetColor(index, f"{index}", float(r), float(g), float(b), float(a))
+
+
+def shared_table(scene, name: str):
+    """The module's table ``name`` (``HEAT`` or ``SIGNED``), made on first use."""
+    for node in nodes.owned_nodes(scene, nodes.COLOUR, palette=name):
+        return node
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetName(name)
+    table.SetSingletonTag(name.replace(" ", ""))
+    _fill_table(table, palette(HEAT_ANCHORS if name == HEAT else SIGNED_ANCHORS), np.ones(ENTRIES))
+    nodes.set_attributes(table, role=nodes.COLOUR, palette=name)
+    scene.AddNode(table)
+    return table
+
+
+def _banded_table(scene, volume, threshold: float, limit: float):
+    """A copy of the signed table for ``volume`` whose entries with |value| < threshold are transparent."""
+    found = [n for n in nodes.owned_nodes(scene, nodes.COLOUR, owner=volume.GetID())]
+    table = found[0] if found else slicer.vtkMRMLColorTableNode()
+    alpha = (np.abs(entry_values(-limit, limit)) >= threshold).astype(float)
+    _fill_table(table, palette(SIGNED_ANCHORS), alpha)
+    if not found:
+        table.SetName(f"{SIGNED} · {volume.GetName()}")
+        table.SetHideFromEditors(True)
+        nodes.set_attributes(table, role=nodes.COLOUR, palette=SIGNED, owner=volume.GetID())
+        scene.AddNode(table)
+    return table
+
+
+def display_node(scene, volume):
+    display = volume.GetDisplayNode()
+    if display is None:
+        display = slicer.vtkMRMLScalarVolumeDisplayNode()
+        scene.AddNode(display)
+        volume.SetAndObserveDisplayNodeID(display.GetID())
+    return display
+
+
+def style_map(scene, volume, signed: bool, percentile: float = 95.0) -> float:
+    """Colour table, window and threshold of a map node; returns the threshold (magnitude) used."""
+    values = nodes.voxels(volume)
+    limit = float(np.abs(values).max()) if signed else float(max(values.max(), 0.0))
+    limit = limit or 1.0
+    threshold = visible_threshold(values, signed, percentile)
+    display = display_node(scene, volume)
+    display.SetAutoWindowLevel(0)
+    display.SetInterpolate(1)
+    if signed:
+        table = _banded_table(scene, volume, threshold, limit)
+        display.SetAndObserveColorNodeID(table.GetID())
+        display.SetWindowLevelMinMax(-limit, limit)
+        display.SetApplyThreshold(0)
+    else:
+        display.SetAndObserveColorNodeID(shared_table(scene, HEAT).GetID())
+        display.SetWindowLevelMinMax(0.0, limit)
+        shown_from = min(threshold, limit * 2)  # inf (empty map): nothing shown
+        display.SetLowerThreshold(shown_from)
+        display.SetUpperThreshold(limit * 2)
+        display.SetApplyThreshold(1)
+    nodes.set_attributes(volume, percentile=round(float(percentile), 3), threshold=float(threshold), limit=limit)
+    return threshold
+
+
+def colour_of(scene, volume, value: float) -> tuple[float, float, float, float]:
+    """RGBA a map node's display gives ``value`` (its table at its window; alpha 0 where hidden)."""
+    display = volume.GetDisplayNode()
+    table = display.GetColorNode()
+    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    count = table.GetNumberOfColors()
+    index = int(np.clip(np.floor((value - low) / (high - low) * count), 0, count - 1))
+    rgba = [0.0] * 4
+    table.GetColor(index, rgba)
+    if display.GetApplyThreshold() and not display.GetLowerThreshold() <= value <= display.GetUpperThreshold():
+        rgba[3] = 0.0
+    return tuple(rgba)
+
+
+def legend(scene, volume, title: str, view_node_ids: list[str] | None = None):
+    """A colour legend for the map (one per map, reused), shown in the given views (all when None)."""
+    display = display_node(scene, volume)
+    for index in range(volume.GetNumberOfDisplayNodes()):
+        node = volume.GetNthDisplayNode(index)
+        if node is not None and node.IsA("vtkMRMLColorLegendDisplayNode"):
+            found = node
+            break
+    else:
+        found = slicer.vtkMRMLColorLegendDisplayNode()
+        scene.AddNode(found)
+        volume.AddAndObserveDisplayNodeID(found.GetID())
+    found.SetAndObservePrimaryDisplayNode(display)
+    found.SetTitleText(title)
+    found.SetVisibility(1)
+    found.SetViewNodeIDs(list(view_node_ids or []))
+    return found
+
+
+def opacity_points(threshold: float, limit: float, signed: bool, peak: float) -> list[tuple[float, float]]:
+    """3D opacity transfer function: 0 below the threshold, then a ramp up to ``peak`` at the limit."""
+    if not np.isfinite(threshold) or threshold >= limit:
+        return [(-limit if signed else 0.0, 0.0), (limit, 0.0)]
+    step = 1e-6 * limit
+    positive = [(threshold - step, 0.0), (threshold, 0.05 * peak), (limit, peak)]
+    if not signed:
+        return [(0.0, 0.0), *positive]
+    return [(-value, alpha) for value, alpha in reversed(positive)] + positive
+
+
+def volume_rendering(vr_logic, scene, volume, signed: bool, show: bool = True, peak_opacity: float = 0.5):
+    """Show (or hide) the map in 3D views with its colours; voxels under the threshold transparent."""
+    display = vr_logic.GetFirstVolumeRenderingDisplayNode(volume)
+    if not show:
+        if display is not None:
+            display.SetVisibility(0)
+        return display
+    if display is None:
+        display = vr_logic.CreateDefaultVolumeRenderingNodes(volume)
+    threshold = float(nodes.attribute(volume, "threshold", "inf"))
+    limit = float(nodes.attribute(volume, "limit", "1"))
+    low = -limit if signed else 0.0
+    rgb = palette(SIGNED_ANCHORS if signed else HEAT_ANCHORS)
+    prop = display.GetVolumePropertyNode().GetVolumeProperty()
+    colours = prop.GetRGBTransferFunction()
+    colours.RemoveAllPoints()
+    for value, (r, g, b) in zip(entry_values(low, limit), rgb):
+        colours.AddRGBPoint(float(value), float(r), float(g), float(b))
+    opacity = prop.GetScalarOpacity()
+    opacity.RemoveAllPoints()
+    for value, alpha in opacity_points(threshold, limit, signed, peak_opacity):
+        opacity.AddPoint(value, alpha)
+    display.SetVisibility(1)
+    return display
