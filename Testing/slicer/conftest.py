@@ -50,7 +50,8 @@ def scene(app):
 def logic(app, worker, tmp_path):
     from XAIOverlayLib.logic import OverlayLogic
 
-    overlay = OverlayLogic(app.scene, client=worker, cache_root=tmp_path / "cache", volume_rendering_logic=app.volume_rendering)
+    overlay = OverlayLogic(app.scene, client=worker, cache_root=tmp_path / "cache",
+                           application_logic=app.app_logic, volume_rendering_logic=app.volume_rendering)
     overlay.prefetch_next = False
     yield overlay
     for job in list(overlay.jobs.values()):

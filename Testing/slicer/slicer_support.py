@@ -60,10 +60,13 @@ def lesion_centre(geometry: Geometry) -> np.ndarray:
 
 
 def head_with_lesion(geometry: Geometry | None = None, seed: int = 0, name: str = "CT_1") -> Volume:
-    """A head (sphere, 20 with noise) holding a bright lesion (100); 0 outside the head."""
+    """A head (sphere, 20 with noise) holding a bright lesion (60 at its rim to 100 at its centre);
+    0 outside the head."""
     geometry = geometry or lesion_geometry()
     head = blob_volume(geometry, grid_centre(geometry), HEAD_RADIUS, value=20.0).array
-    lesion = blob_volume(geometry, lesion_centre(geometry), LESION_RADIUS, value=80.0).array
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.size], indexing="ij"), -1).reshape(-1, 3)
+    distance = np.linalg.norm(geometry.ijk_to_ras_points(ijk) - lesion_centre(geometry), axis=1).reshape(geometry.size)
+    lesion = np.where(distance <= LESION_RADIUS, 40.0 + 40.0 * (1 - (distance / LESION_RADIUS) ** 2), 0.0)
     noise = np.random.default_rng(seed).normal(0, 1.0, head.shape).astype(np.float32)
     array = np.where(head > 0, head + lesion + noise, 0.0).astype(np.float32)
     return Volume(array, geometry, name)
@@ -114,3 +117,67 @@ def classifier_request(volume_node, model: Path, methods=("gradcam", "hirescam")
 def scene_node_ids(scene) -> list[str]:
     collection = scene.GetNodes()
     return sorted(collection.GetItemAsObject(i).GetID() for i in range(collection.GetNumberOfItems()))
+
+
+# --- offscreen rendering with Slicer's slice pipeline (trame-slicer direct views) --------------------
+def create_views(app, layout: str, size: tuple[int, int] = (240, 240)) -> dict:
+    """One offscreen slice view per view of a layout XML, as Slicer's layout manager would make them."""
+    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+    from trame_slicer.views.abstract_view import ViewProps
+    from trame_slicer.views.view_layout_definition import ViewType
+
+    from XAIOverlayLib import compare
+
+    if not getattr(app, "_xai_factory", None):
+        app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+        app._xai_factory = True
+    views = {}
+    for spec in compare.views_in_layout(layout):
+        definition = ViewLayoutDefinition(spec["tag"], ViewType.SLICE_VIEW,
+                                          ViewProps(label=spec["label"], orientation=spec["orientation"], group=spec["group"]))
+        view = app.view_manager.create_view(definition)
+        view.render_window().SetSize(*size)
+        view.interactor().SetSize(*size)
+        views[spec["tag"]] = view
+    return views
+
+
+def capture(view) -> np.ndarray:
+    """The rendered view as (rows, columns, 3) uint8, row 0 at the top."""
+    import vtk
+    from vtk.util import numpy_support
+
+    view.render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(view.render_window())
+    grab.ReadFrontBufferOff()
+    grab.Update()
+    image = grab.GetOutput()
+    width, height, _ = image.GetDimensions()
+    pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)[::-1, :, :3]
+    return np.ascontiguousarray(pixels)
+
+
+def pixel_of(view, ras) -> tuple[int, int]:
+    """(row, column) of the pixel showing RAS point ``ras`` in a slice view."""
+    from XAIOverlayLib import nodes  # noqa: F401  (keeps the import order of the module under test)
+
+    matrix = view._logic.GetSliceNode().GetXYToRAS()
+    xy_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    x, y, _, _ = np.linalg.inv(xy_to_ras) @ np.r_[np.asarray(ras, float), 1.0]
+    height = view.render_window().GetSize()[1]
+    return height - 1 - int(round(y)), int(round(x))
+
+
+def write_png(pixels: np.ndarray, path) -> None:
+    import vtk
+    from vtk.util import numpy_support
+
+    height, width, _ = pixels.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(width, height, 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(pixels[::-1]).reshape(-1, 3), deep=True))
+    writer = vtk.vtkPNGWriter()
+    writer.SetFileName(str(path))
+    writer.SetInputData(image)
+    writer.Write()

@@ -3,8 +3,9 @@
 The module makes its own tables so a map looks the same in every Slicer (file-based tables such as
 Inferno are not loaded everywhere):
 
-- ``XAIOverlay Heat`` (sequential) for non-negative maps (Grad-CAM family, occlusion): the window is
-  [0, max] and Slicer's display threshold hides everything below the chosen percentile.
+- ``XAIOverlay Heat`` (sequential) for non-negative maps (Grad-CAM family, occlusion): Slicer's display
+  threshold hides everything below the chosen percentile t and the window is [t, max], so the shown
+  voxels use the whole table.
 - ``XAIOverlay Signed`` (diverging, blue < 0 < red, symmetric) for signed maps (LRP, gradient×input,
   IG): the window is [−M, M] with M = max |value|. A display threshold keeps one interval and cannot
   hide the band −t < v < t between two shown tails, so each signed map gets a copy of the table whose
@@ -25,8 +26,8 @@ SIGNED = "XAIOverlay Signed"
 ENTRIES = 256
 
 #: (position, red, green, blue) anchors, linearly interpolated.
-HEAT_ANCHORS = ((0.0, 0.10, 0.00, 0.20), (0.30, 0.50, 0.05, 0.45), (0.55, 0.88, 0.18, 0.18),
-                (0.80, 1.00, 0.62, 0.05), (1.00, 1.00, 1.00, 0.65))
+HEAT_ANCHORS = ((0.0, 0.35, 0.00, 0.45), (0.30, 0.75, 0.05, 0.35), (0.55, 0.95, 0.25, 0.10),
+                (0.80, 1.00, 0.62, 0.00), (1.00, 1.00, 0.95, 0.25))
 SIGNED_ANCHORS = ((0.0, 0.02, 0.20, 0.70), (0.25, 0.30, 0.60, 1.00), (0.50, 0.96, 0.96, 0.96),
                   (0.75, 1.00, 0.55, 0.25), (1.00, 0.70, 0.00, 0.05))
 
@@ -110,8 +111,8 @@ def style_map(scene, volume, signed: bool, percentile: float = 95.0) -> float:
         display.SetApplyThreshold(0)
     else:
         display.SetAndObserveColorNodeID(shared_table(scene, HEAT).GetID())
-        display.SetWindowLevelMinMax(0.0, limit)
         shown_from = min(threshold, limit * 2)  # inf (empty map): nothing shown
+        display.SetWindowLevelMinMax(min(shown_from, limit * (1 - 1e-6)), limit)
         display.SetLowerThreshold(shown_from)
         display.SetUpperThreshold(limit * 2)
         display.SetApplyThreshold(1)
@@ -147,6 +148,7 @@ def legend(scene, volume, title: str, view_node_ids: list[str] | None = None):
         volume.AddAndObserveDisplayNodeID(found.GetID())
     found.SetAndObservePrimaryDisplayNode(display)
     found.SetTitleText(title)
+    found.SetLabelFormat("%.3g")
     found.SetVisibility(1)
     found.SetViewNodeIDs(list(view_node_ids or []))
     return found

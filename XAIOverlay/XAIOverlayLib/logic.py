@@ -75,11 +75,13 @@ def model_display_name(path: str) -> str:
 
 
 class OverlayLogic:
-    """Everything the module does, given a scene (and, in Slicer, its layout node and volume rendering logic)."""
+    """Everything the module does, given a scene and, where there are views, Slicer's layout node,
+    application logic (to fit the views) and volume rendering logic."""
 
     def __init__(self, scene, *, client: WorkerClient | None = None, cache_root: str | Path | None = None,
-                 layout_node=None, volume_rendering_logic=None) -> None:
+                 layout_node=None, application_logic=None, volume_rendering_logic=None) -> None:
         self.scene = scene
+        self.application_logic = application_logic
         self.client = client or WorkerClient()
         self.cache = MapCache(cache_root or Path(tempfile.gettempdir()) / "XAIOverlay-cache")
         self.layout_node = layout_node
@@ -391,6 +393,8 @@ class OverlayLogic:
             for tag, node in zip(self.compare_tags, maps):
                 view = compare.slice_node(self.scene, tag)
                 colours.legend(self.scene, node, nodes.attribute(node, "label"), [view.GetID()] if view else None)
+        if self.application_logic is not None:
+            self.application_logic.FitSliceToAll(False, False)
         compare.jump_to(self.scene, self.compare_tags, compare.peak_ras(maps[0]))
         self.select(maps[0])
         return compare.comparison_table(self.scene, anatomy, maps)
