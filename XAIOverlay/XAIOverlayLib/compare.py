@@ -237,6 +237,8 @@ def comparison_table(scene, anatomy, maps: Sequence, name: str | None = None):
         table_node.SetName(name or f"{anatomy.GetName()} · XAI comparison")
         scene.AddNode(table_node)
     nodes.set_attributes(table_node, role=nodes.TABLE, source=anatomy.GetID(), rows=[volume.GetID() for volume in maps])
+    sh = nodes.subject_hierarchy(scene)
+    nodes.place_in_folder(scene, table_node, sh.GetItemParent(nodes.hierarchy_item(scene, maps[0])))
     return table_node
 
 
