@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from slicer_support import classifier_request, head_with_lesion, lesion_geometry, load_volume
+from slicer_support import classifier_request, head_with_lesion, load_volume
 from xaioverlay.volumes import Geometry, Volume, read_volume, write_volume
 from XAIOverlayLib import cases, nodes
 
@@ -86,7 +86,7 @@ def test_next_and_previous_release_the_previous_case_unless_pinned(scene, logic,
     logic.wait(job)
     assert scene.GetNodeByID(first_id) is None  # the case list loaded it: released with its maps
     assert nodes.owned_nodes(scene, nodes.MAP, source=first_id) == []
-    nodes.set_attributes(second, pinned=True)
+    logic.pin(second)
     again, job = logic.open_case(-1)
     assert job.state == "done" and job.request_id is None  # revisit: straight from the cache
     assert scene.GetNodeByID(second.GetID()) is second  # pinned: kept, maps included

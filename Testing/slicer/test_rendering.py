@@ -4,7 +4,6 @@ overlay colours over the lesion, anatomy only everywhere else."""
 from __future__ import annotations
 
 import numpy as np
-import slicer
 
 from slicer_support import (LESION_RADIUS, blob_volume, capture, classifier_request, create_views, lesion_centre, load_volume,
                             write_png)

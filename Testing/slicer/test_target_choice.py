@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import slicer
 
-from slicer_support import LESION_RADIUS, blob_volume, head_with_lesion, lesion_centre, lesion_mask, load_volume
+from slicer_support import head_with_lesion, lesion_mask, load_volume
 from xaioverlay.targets import parse_target
 from xaioverlay.volumes import Volume, read_volume, resample_array, write_volume
 from XAIOverlayLib import nodes

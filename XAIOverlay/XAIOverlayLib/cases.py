@@ -129,12 +129,12 @@ def _load_dicom(scene, case: Case):
     return node
 
 
-def release_case(scene, volume, *, keep_volume: bool | None = None) -> None:
+def release_case(scene, volume, *, pinned: bool = False, keep_volume: bool | None = None) -> None:
     """Remove a case's maps, table and model segmentation, and its volume if the case list loaded it.
 
-    Nothing is removed from a pinned volume (``XAIOverlay.pinned``).
+    Nothing is removed for a pinned case.
     """
-    if volume is None or nodes.attribute(volume, "pinned") == "true":
+    if volume is None or pinned:
         return
     owned = [*nodes.owned_nodes(scene, nodes.MAP, source=volume.GetID()),
              *nodes.owned_nodes(scene, nodes.SEGMENTATION, source=volume.GetID()),

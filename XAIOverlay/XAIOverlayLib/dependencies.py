@@ -84,3 +84,19 @@ def install(
     if plan.pip:
         pip_install(list(plan.pip))
     return True
+
+
+def ensure_in_slicer() -> bool:
+    """In Slicer: install what is missing, asking the user first; False if they declined."""
+    import slicer.util
+
+    plan = plan_install(pytorch_extension=is_installed("PyTorchUtils"))
+
+    def torch_with_extension() -> bool:
+        import PyTorchUtils
+
+        logic = PyTorchUtils.PyTorchUtilsLogic()
+        return logic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is not None
+
+    return install(plan, confirm=slicer.util.confirmOkCancelDisplay, pip_install=slicer.util.pip_install,
+                   install_torch_with_extension=torch_with_extension)

@@ -68,6 +68,22 @@ class Job:
         return self.state in ("done", "failed", "cancelled")
 
 
+def request_from_parameters(parameters) -> ExplainRequest:
+    """The module's parameter node (``XAIOverlayParameterNode``) → a plain request."""
+    volumes = [v for v in (parameters.inputVolume, parameters.channel2Volume, parameters.channel3Volume) if v]
+    segmentation, segment_id = parameters.targetSegmentation, ""
+    if segmentation and parameters.targetSegment:
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(parameters.targetSegment)
+        if not segment_id:
+            raise ValueError(f"segment {parameters.targetSegment!r} not found in {segmentation.GetName()!r}; check its name")
+    target = TargetChoice(key=parameters.targetClass, region=parameters.targetRegion.value, segmentation=segmentation,
+                          segment_id=segment_id, roi=parameters.targetROI, point=parameters.targetPoint,
+                          radius_mm=parameters.targetRadius)
+    methods = [spec.strip() for spec in parameters.methods.split(",") if spec.strip()]
+    return ExplainRequest(volumes, str(parameters.modelPath), methods, target, parameters.score.value,
+                          parameters.camLayer.strip(), parameters.device.value)
+
+
 def model_display_name(path: str) -> str:
     """``…/tumour_classifier`` → ``tumour_classifier``; ``…/net.yaml`` → ``net``."""
     path = Path(path)
@@ -93,6 +109,8 @@ class OverlayLogic:
         self.models: dict[str, dict] = {}  # model fingerprint → the worker's description
         self.browser: case_list.CaseBrowser | None = None
         self.last_request: ExplainRequest | None = None
+        self.last_job: Job | None = None
+        self.pinned: set[str] = set()  # IDs of case volumes kept when moving to another case
         self.compare_tags: list[str] = []
 
     # --- the model ---------------------------------------------------------------------------------
@@ -141,7 +159,9 @@ class OverlayLogic:
         adopted = self._adopt_background(job)
         if adopted is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+            self.last_job = adopted
             return adopted
+        self.last_job = job
         self._cancel_background()
         for spec in request.methods:
             cached = self.cache.get(keys[spec])
@@ -432,7 +452,7 @@ class OverlayLogic:
             for job in list(self.jobs.values()):
                 if not job.background and job.volume_id == previous.node_id:
                     self.cancel(job)
-            case_list.release_case(self.scene, old)
+            case_list.release_case(self.scene, old, pinned=previous.node_id in self.pinned)
             if old is not None and self.scene.GetNodeByID(previous.node_id) is None:
                 previous.node_id = None
         volume = case_list.load_case(self.scene, case)
@@ -440,6 +460,13 @@ class OverlayLogic:
         if template is None:
             return volume, None
         return volume, self.explain(replace(template, volumes=[volume]))
+
+    def pin(self, volume, pinned: bool = True) -> None:
+        """Keep (or stop keeping) a case's volume and maps loaded when moving to another case."""
+        if pinned:
+            self.pinned.add(volume.GetID())
+        else:
+            self.pinned.discard(volume.GetID())
 
     def shutdown(self) -> None:
         for job in list(self.jobs.values()):
