@@ -79,3 +79,41 @@ def unet_spec(tmp_path) -> Path:
 @pytest.fixture
 def densenet_spec(tmp_path) -> Path:
     return save_spec_model(tmp_path / "densenet", SMALL_DENSENET, task="classification", class_names=["no tumour", "tumour"])
+
+
+def save_bundle(folder: Path, network_def: dict, state_dict: dict, *, preprocessing: list | None = None,
+                inferer: dict | None = None, activation: str = "softmax", output_type: str = "image",
+                class_names: list[str] | None = None, in_channels: int = 1) -> Path:
+    """Write a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) as the Model Zoo lays it out.
+
+    ``preprocessing`` lists the transforms after ``LoadImaged``/``EnsureChannelFirstd`` (which are added, as in real bundles).
+    """
+    import json
+
+    (folder / "configs").mkdir(parents=True, exist_ok=True)
+    (folder / "models").mkdir(exist_ok=True)
+    torch.save(state_dict, folder / "models" / "model.pt")
+    transforms = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"}]
+    transforms += preprocessing or []
+    inference = {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cpu')",
+        "network_def": network_def,
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": transforms},
+        "inferer": inferer or {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [{"_target_": "Activationsd", "keys": "pred", activation: True}]},
+    }
+    names = class_names or ["background", "foreground"]
+    metadata = {
+        "version": "0.1.0", "name": folder.name, "task": "test bundle",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "num_channels": in_channels, "spatial_shape": [32, 32, 32]}},
+            "outputs": {"pred": {"type": output_type, "num_channels": len(names),
+                                 "channel_def": {str(i): n for i, n in enumerate(names)}}},
+        },
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    return folder

@@ -65,6 +65,17 @@ def load_bundle(path: Path, device: torch.device, amp: bool = False) -> LoadedMo
     if "network_def" not in parser:
         raise ModelError(f"{inference}: has no 'network_def'; XAIOverlay needs the network definition, not only TorchScript")
 
+    # The config must be edited before anything is parsed: the parser resolves the whole config once.
+    preprocessing = parser.get("preprocessing")
+    key = "image"
+    has_preprocessing = preprocessing is not None
+    if isinstance(preprocessing, dict) and isinstance(preprocessing.get("transforms"), list):
+        key = config.image_key(preprocessing["transforms"])
+        parser["preprocessing"]["transforms"] = config.without_loading(preprocessing["transforms"])
+    elif has_preprocessing:
+        raise ModelError(
+            f"{inference}: 'preprocessing' is not a Compose with a 'transforms' list; XAIOverlay cannot separate its loading step"
+        )
     try:
         network = parser.get_parsed_content("network_def", instantiate=True)
     except Exception as error:
@@ -76,17 +87,7 @@ def load_bundle(path: Path, device: torch.device, amp: bool = False) -> LoadedMo
         raise ModelError(f"{path}: models/model.pt is missing")
     apply_state_dict(network, load_state_dict(weights), weights)
 
-    preprocessing = parser.get("preprocessing")
-    transforms = None
-    key = "image"
-    if isinstance(preprocessing, dict) and isinstance(preprocessing.get("transforms"), list):
-        key = config.image_key(preprocessing["transforms"])
-        parser["preprocessing"]["transforms"] = config.without_loading(preprocessing["transforms"])
-        transforms = parser.get_parsed_content("preprocessing", instantiate=True)
-    elif preprocessing is not None:
-        raise ModelError(
-            f"{inference}: 'preprocessing' is not a Compose with a 'transforms' list; XAIOverlay cannot separate its loading step"
-        )
+    transforms = parser.get_parsed_content("preprocessing", instantiate=True) if has_preprocessing else None
 
     inferer = parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
     sliding_window = config.sliding_window_from(inferer)
