@@ -89,6 +89,8 @@ class XAIOverlayParameterNode:
     targetPoint: vtkMRMLMarkupsFiducialNode
     targetRadius: Annotated[float, WithinRange(0.0, 100.0)] = 10.0
     score: Score = Score.Logit
+    measureQuality: bool = False
+    referenceSegmentation: vtkMRMLSegmentationNode
     thresholdPercentile: Annotated[float, WithinRange(50.0, 99.9)] = 95.0
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     orientation: Orientation = Orientation.Axial

@@ -42,9 +42,10 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def cache_key(volume: str, model: str, method: str, target: str, score: str = "logit", layer: str = "") -> str:
-    """One map's key. ``method`` is the full spec (its options are its parameters)."""
-    text = json.dumps([volume, model, method, target, score, layer or ""])
+def cache_key(volume: str, model: str, method: str, target: str, score: str = "logit", layer: str = "", measured: str = "") -> str:
+    """One map's key. ``method`` is the full spec (its options are its parameters); ``measured`` names
+    the quality measurement stored with the map ("" for none)."""
+    text = json.dumps([volume, model, method, target, score, layer or "", *([measured] if measured else [])])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 

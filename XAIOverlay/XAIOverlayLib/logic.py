@@ -21,7 +21,7 @@ import slicer
 from . import cases as case_list
 from . import colours, compare, nodes
 from .cache import MapCache, cache_key, model_fingerprint, segmentation_key
-from .target_spec import PREDICTED, TargetChoice, build_target
+from .target_spec import PREDICTED, TargetChoice, build_target, segment_mask_file
 from .worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class ExplainRequest:
     score: str = "logit"
     layer: str = ""
     device: str = "auto"
+    evaluate: bool = False  # measure every map (xaioverlay.metrics): faithfulness, localisation, sanity
+    reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Job:
     keys: dict[str, str]
     model: str
     target_text: str
+    reference_mask: str | None = None
     volume_id: str | None = None
     case: case_list.Case | None = None
     background: bool = False
@@ -68,6 +71,16 @@ class Job:
         return self.state in ("done", "failed", "cancelled")
 
 
+def measurement(request: ExplainRequest, anatomy, folder: Path | None) -> tuple[str | None, str]:
+    """(reference mask file or None, text naming the measurement for the cache) of a request."""
+    if not request.evaluate:
+        return None, ""
+    if request.reference is None:
+        return None, "measured:model-segmentation"
+    path, digest = segment_mask_file(request.reference, [], anatomy, Path(folder) / "reference_mask.nrrd")
+    return str(path), f"measured:{digest}"
+
+
 def request_from_parameters(parameters) -> ExplainRequest:
     """The module's parameter node (``XAIOverlayParameterNode``) → a plain request."""
     volumes = [v for v in (parameters.inputVolume, parameters.channel2Volume, parameters.channel3Volume) if v]
@@ -81,7 +94,8 @@ def request_from_parameters(parameters) -> ExplainRequest:
                           radius_mm=parameters.targetRadius)
     methods = [spec.strip() for spec in parameters.methods.split(",") if spec.strip()]
     return ExplainRequest(volumes, str(parameters.modelPath), methods, target, parameters.score.value,
-                          parameters.camLayer.strip(), parameters.device.value)
+                          parameters.camLayer.strip(), parameters.device.value, parameters.measureQuality,
+                          parameters.referenceSegmentation)
 
 
 def model_display_name(path: str) -> str:
@@ -148,11 +162,14 @@ class OverlayLogic:
         workdir = Path(tempfile.mkdtemp(prefix="xaioverlay-job-"))
         try:
             target_spec, target_text = build_target(target, anatomy, workdir)
+            reference_mask, measured = measurement(request, anatomy, workdir)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer) for spec in request.methods}
-        job = Job(list(request.methods), keys, str(request.model), target_text, volume_id=anatomy.GetID(), workdir=workdir)
+        keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured)
+                for spec in request.methods}
+        job = Job(list(request.methods), keys, str(request.model), target_text, reference_mask, volume_id=anatomy.GetID(),
+                  workdir=workdir)
         if info["task"] == "segmentation":
             job.segmentation_key = segmentation_key(digest, fingerprint)
         self.last_request = request
@@ -183,6 +200,7 @@ class OverlayLogic:
             "command": "explain", "model": str(request.model), "device": request.device, "inputs": inputs,
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
+            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask,
         })
         self.jobs[job.request_id] = job
 
@@ -192,7 +210,8 @@ class OverlayLogic:
         Only single-volume requests whose target needs no node of the current case (a class, or a
         channel over the model's predicted region) can be prepared ahead.
         """
-        if len(template.volumes) != 1 or (template.target.task == "segmentation" and template.target.region != PREDICTED):
+        if len(template.volumes) != 1 or template.reference is not None or (
+                template.target.task == "segmentation" and template.target.region != PREDICTED):
             return None
         volume = self.scene.GetNodeByID(case.node_id) if case.node_id else None
         if case.from_scene and volume is None:
@@ -203,7 +222,9 @@ class OverlayLogic:
         target = replace(template.target, task=info["task"])
         fingerprint = model_fingerprint(template.model)
         target_spec, target_text = build_target(target, None, Path(tempfile.gettempdir()))
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer) for spec in template.methods}
+        _, measured = measurement(template, None, None)
+        keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer, measured)
+                for spec in template.methods}
         missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
         if not missing or any(job.background for job in self.jobs.values() if not job.finished):
             return None

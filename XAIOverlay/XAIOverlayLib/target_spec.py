@@ -56,16 +56,18 @@ def _numbers(values) -> str:
     return ",".join(f"{float(v):.3f}" for v in values)
 
 
-def segment_mask_file(segmentation, segment_id: str, reference, path: Path) -> tuple[Path, str]:
-    """Write one segment as a label map on ``reference``'s grid; returns (file, content digest)."""
+def segment_mask_file(segmentation, segment_ids: list[str], reference, path: Path) -> tuple[Path, str]:
+    """Write segments (all when ``segment_ids`` is empty) as a label map on ``reference``'s grid;
+    returns (file, content digest)."""
     ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segment_id)
+    for segment_id in segment_ids or list(segmentation.GetSegmentation().GetSegmentIDs()):
+        ids.InsertNextValue(segment_id)
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()
     scene = segmentation.GetScene()
     scene.AddNode(labelmap)  # the export needs the node in the scene; removed again below
     try:
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, reference):
-            raise ValueError(f"cannot export segment {segment_id!r} of {segmentation.GetName()!r}; check that it is not empty")
+            raise ValueError(f"cannot export segments {list(segment_ids)} of {segmentation.GetName()!r}; check that they are not empty")
         nodes.write_volume_file(labelmap, path)
         digest = nodes.voxel_digest(labelmap)
     finally:
@@ -93,7 +95,7 @@ def build_target(choice: TargetChoice, reference, folder: Path) -> tuple[str | N
         segment_id = choice.segment_id or choice.segmentation.GetSegmentation().GetNthSegmentID(0)
         if not segment_id:
             raise ValueError(f"segmentation {choice.segmentation.GetName()!r} has no segment; add one or choose another region")
-        path, digest = segment_mask_file(choice.segmentation, segment_id, reference, Path(folder) / "target_mask.nrrd")
+        path, digest = segment_mask_file(choice.segmentation, [segment_id], reference, Path(folder) / "target_mask.nrrd")
         return f"channel:{channel}@mask:{path}", f"channel:{channel}@mask:{digest}"
     if choice.region == ROI:
         if choice.roi is None:

@@ -9,7 +9,8 @@ Requests::
     {"id": "r1", "command": "describe", "model": PATH, "device": "auto"}
     {"id": "r2", "command": "explain", "model": PATH, "device": "auto", "amp": false,
      "inputs": [NRRD, ...], "methods": ["gradcam", ...], "target": "class:tumour" | null,
-     "score": "logit", "layer": null, "out": DIR, "segmentation": true}
+     "score": "logit", "layer": null, "out": DIR, "segmentation": true,
+     "evaluate": false, "reference_mask": NRRD | null, "metric_options": {...}}
     {"command": "cancel", "target_id": "r2"}          # no target_id: whatever is running
     {"command": "shutdown"}
 
@@ -25,7 +26,11 @@ Events (every event but ``ready`` carries the request's ``id``)::
 
 ``explain`` writes its outputs with :func:`xaioverlay.outputs.write_outputs` (maps as NRRD on the first
 input's exact grid, ``explanation.json`` last) and, for segmentation models when asked, the model's
-predicted label map as ``segmentation.nrrd`` on the same grid. A cancelled run writes nothing: the
+predicted label map as ``segmentation.nrrd`` on the same grid. With ``"evaluate": true`` every map is
+also measured by :func:`xaioverlay.metrics.evaluate.evaluate` (faithfulness, localisation against
+``reference_mask`` or, for segmentation models, the model's own segmentation, sanity, complexity) and
+each method's record in the result carries ``"metrics"``: {column title: value}, the columns of the
+``xaioverlay evaluate`` table except the costs already in the record. A cancelled run writes nothing: the
 progress callback raises :class:`~xaioverlay.errors.Cancelled` at the next report, before any output
 exists. Anything else printed by libraries goes to stderr, never into the event stream.
 """
@@ -51,6 +56,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = 1
 SEGMENTATION_FILE = "segmentation.nrrd"
+#: Columns of the metrics table already in every method's record (runtime, passes).
+RECORDED_COSTS = ("method", "runtime_s", "forward_passes", "backward_passes")
 
 
 def model_signature(path: Path) -> tuple:
@@ -190,20 +197,50 @@ class Worker:
         model = self._model(request, report)
         volumes = read_volumes(request["inputs"])
         report({"event": "message", "message": "reading inputs done", "stage": "inputs"})
-        explanation = explain(
-            model, volumes, list(request["methods"]), request.get("target"),
-            score=request.get("score", "logit"), layer=request.get("layer") or None, progress=Progress(report),
-        )
-        segmentation = None
-        if request.get("segmentation") and model.task == SEGMENTATION:
+        methods, target = list(request["methods"]), request.get("target")
+        score, layer = request.get("score", "logit"), request.get("layer") or None
+        labels = None
+        if model.task == SEGMENTATION and (request.get("segmentation") or request.get("evaluate")):
             report({"event": "message", "message": "model segmentation", "stage": "segmentation"})
-            write_volume(predicted_segmentation(model, volumes), out / SEGMENTATION_FILE)
+            labels = predicted_segmentation(model, volumes)
+        metrics = None
+        if request.get("evaluate"):
+            explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, labels, request, Progress(report))
+        else:
+            explanation = explain(model, volumes, methods, target, score=score, layer=layer, progress=Progress(report))
+        segmentation = None
+        if request.get("segmentation") and labels is not None:
+            write_volume(labels, out / SEGMENTATION_FILE)
             segmentation = str(out / SEGMENTATION_FILE)
         if cancelled.is_set():
             raise Cancelled("cancelled by the user")
         write_outputs(explanation, out, montage=bool(request.get("montage", False)))
         record = json.loads((out / "explanation.json").read_text())
+        for method, measured in zip(record["methods"], metrics or []):
+            method["metrics"] = measured
         self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation})
+
+    def evaluate(self, model, volumes, methods, target, score, layer, labels, request, progress):
+        """Explain and measure; returns (the explanation, one {column title: value} per method)."""
+        import numpy as np
+
+        from .volumes import Volume, read_volume
+
+        try:
+            from .metrics.evaluate import MetricOptions, columns, evaluate
+        except ImportError:
+            raise XAIOverlayError("measuring quality needs the xaioverlay.metrics package, which this installation lacks; "
+                                  "turn 'Measure quality' off or update XAIOverlay") from None
+        reference = None
+        if request.get("reference_mask"):
+            reference = read_volume(request["reference_mask"])
+        elif labels is not None and (labels.array > 0).any():
+            reference = Volume((labels.array > 0).astype(np.uint8), labels.geometry, "model segmentation")
+        evaluation = evaluate(model, volumes, methods, target, score=score, layer=layer, reference_mask=reference,
+                              options=MetricOptions(**request.get("metric_options", {})), progress=progress)
+        rows = evaluation.rows()
+        table = [column for column in columns(rows) if column.key not in RECORDED_COSTS]
+        return evaluation.explanation, [{c.title: row[c.key] for c in table if c.key in row} for row in rows]
 
 
 def serve(requests: TextIO, replies: TextIO, worker: Worker | None = None) -> int:
