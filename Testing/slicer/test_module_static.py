@@ -24,7 +24,7 @@ SLICER_PROVIDES = {"qt", "ctk", "vtk", "slicer", "enum", "pathlib", "typing", "o
 
 
 def module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text())
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
 
 
 def ui_widgets() -> dict[str, ET.Element]:
@@ -39,7 +39,7 @@ def parameter_class() -> ast.ClassDef:
 
 
 def test_every_ui_name_the_code_uses_exists_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     missing = used - set(ui_widgets())
     assert used and not missing, f"used in XAIOverlay.py but not in the .ui: {sorted(missing)}"
 
@@ -101,7 +101,7 @@ def test_module_follows_slicers_template():
     assert "ScriptedLoadableModuleWidget" in classes["XAIOverlayWidget"]
     assert "ScriptedLoadableModuleLogic" in classes["XAIOverlayLogic"]
     assert "ScriptedLoadableModuleTest" in classes["XAIOverlayTest"]
-    source = MODULE_FILE.read_text()
+    source = MODULE_FILE.read_text(encoding="utf-8")
     assert "connectGui(self.ui)" in source and "tryWithErrorDisplay" in source
     assert re.search(r'helpText = _\(""".*<a href="[^"]+#slicer-module">', source, re.S)
     assert len(source.splitlines()) < 480  # the work lives in XAIOverlayLib
@@ -114,7 +114,7 @@ def cmake_list(text: str, variable: str) -> list[str]:
 
 
 def test_cmake_lists_every_script_and_resource_and_nothing_missing():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
     bundles = cmake_list(text, "MODULE_DEMO_BUNDLE_FILES") if "MODULE_DEMO_BUNDLE_FILES\n  )" not in text else []
@@ -126,17 +126,17 @@ def test_cmake_lists_every_script_and_resource_and_nothing_missing():
     bundle_files = sorted(str(p.relative_to(bundle_root)) for p in bundle_root.rglob("*") if p.is_file()) if bundle_root.is_dir() else []
     assert sorted(bundles) == bundle_files
     assert "WITH_GENERIC_TESTS" in text and "slicerMacroBuildScriptedModule" in text and "add_subdirectory(Testing)" in text
-    testing = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    testing = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"^slicer_add_python_unittest\(SCRIPT .*XAIOverlay\.py\)", testing, re.M)
 
 
 def test_extension_cmake_and_catalog_entry():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                   "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf'set\({field} "[^"]+"\)', text), field
     assert "add_subdirectory(XAIOverlay)" in text and "REPLACE-WITH-OWNER" in text
-    entry = json.loads((ROOT / "XAIOverlay.json").read_text())
+    entry = json.loads((ROOT / "XAIOverlay.json").read_text(encoding="utf-8"))
     # slicer-extension-catalog-entry-schema v1.0.1: required keys, no others, types
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled", "tier"}
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed

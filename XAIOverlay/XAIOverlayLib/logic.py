@@ -434,10 +434,11 @@ class OverlayLogic:
             for tag, node in zip(self.compare_tags, maps):
                 view = compare.slice_node(self.scene, tag)
                 colours.legend(self.scene, node, nodes.attribute(node, "label"), [view.GetID()] if view else None)
+        self.select(maps[0])
         if self.application_logic is not None:
             self.application_logic.FitSliceToAll(False, False)
-        compare.jump_to(self.scene, self.compare_tags, compare.peak_ras(maps[0]))
-        self.select(maps[0])
+        peak = compare.peak_ras(maps[0])
+        compare.jump_to(self.scene, [*self.compare_tags, *compare.MAIN_VIEWS], peak)
         return compare.comparison_table(self.scene, anatomy, maps)
 
     def select(self, volume, show_3d: bool = False) -> None:
