@@ -127,7 +127,7 @@ def test_cmake_lists_every_script_and_resource_and_nothing_missing():
     assert sorted(bundles) == bundle_files
     assert "WITH_GENERIC_TESTS" in text and "slicerMacroBuildScriptedModule" in text and "add_subdirectory(Testing)" in text
     testing = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert re.search(r"^slicer_add_python_unittest\(SCRIPT .*XAIOverlay\.py\)", testing, re.M)
+    assert re.search(r"^slicer_add_python_unittest\(SCRIPT .*\$\{MODULE_NAME\}\.py\)", testing, re.M)
 
 
 def test_extension_cmake_and_catalog_entry():
