@@ -392,8 +392,7 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
     def step(self, parameters, step: int):
         from XAIOverlayLib.logic import request_from_parameters
 
-        template = request_from_parameters(parameters) if parameters.inputVolume else None
-        volume, job = self.core.open_case(step, template)
+        volume, job = self.core.open_case(step, request_from_parameters(parameters))  # the case replaces the input
         parameters.pinCase = volume.GetID() in self.core.pinned
         parameters.inputVolume = volume
         return volume, job

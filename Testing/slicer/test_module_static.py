@@ -152,3 +152,24 @@ def test_icons_are_128_pixel_pngs(icon):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (128, 128)
+
+
+def test_the_logic_reads_only_parameters_the_wrapper_declares():
+    """request_from_parameters on an object holding exactly the declared parameters (an unknown name
+    would raise AttributeError); enums stand in by their values, as the wrapper hands them over."""
+    import types
+
+    from XAIOverlayLib.logic import request_from_parameters
+
+    defaults = {"methods": "gradcam, hirescam", "targetClass": "tumour", "camLayer": "", "targetSegment": "",
+                "targetRadius": 4.0, "measureQuality": True, "modelPath": Path("/models/net.yaml")}
+    enums = {"device": "cpu", "score": "probability", "targetRegion": "roi", "orientation": "Axial"}
+    values = {}
+    for item in parameter_class().body:
+        if isinstance(item, ast.AnnAssign):
+            name = item.target.id
+            values[name] = types.SimpleNamespace(value=enums[name]) if name in enums else defaults.get(name)
+    request = request_from_parameters(types.SimpleNamespace(**values))
+    assert request.methods == ["gradcam", "hirescam"] and request.volumes == []
+    assert (request.model, request.score, request.device, request.evaluate) == ("/models/net.yaml", "probability", "cpu", True)
+    assert (request.target.key, request.target.region, request.target.radius_mm) == ("tumour", "roi", 4.0)
