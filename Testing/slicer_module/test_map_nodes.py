@@ -4,6 +4,7 @@ subject-hierarchy folder, replacing only the module's own nodes, cache hits, can
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import slicer
@@ -121,6 +122,7 @@ def test_cancel_leaves_the_scene_unchanged(scene, models, lesion_case, tmp_path)
         job = logic.explain(classifier_request(anatomy, models["classifier"], methods=["gradcam"] * 300))
         while job.progress[0] == 0:
             logic.process_events(0.1)
+        assert re.fullmatch(r"Grad-CAM \(\d+/300\) · 1/1 passes", job.status), job.status  # what the progress bar shows
         logic.cancel(job)
         logic.wait(job, timeout=30)
         assert job.state == "cancelled"

@@ -62,7 +62,8 @@ class Job:
     segmentation_id: str | None = None
     state: str = "running"  # running, cancelling, done, failed, cancelled
     error: str = ""
-    status: str = ""
+    status: str = ""  # one line for the progress bar: the current stage or method, and its passes
+    stage: str = ""
     progress: tuple[int, int, str] = (0, 0, "")
     started: float = field(default_factory=time.monotonic)
 
@@ -291,11 +292,11 @@ class OverlayLogic:
         if job is None:
             return None
         if kind == "message":
-            job.status = event.get("message", "")
+            job.stage = job.status = event.get("message", "")
         elif kind == "progress":
             job.progress = (int(event.get("done", 0)), int(event.get("total", 0)), event.get("unit", ""))
-            if event.get("method"):
-                job.status = f"{event['method']}: {job.progress[0]}/{job.progress[1]} {job.progress[2]}"
+            done, total, unit = job.progress
+            job.status = f"{job.stage or event.get('method', '')} · {done}/{total} {unit}"
         elif kind == "result":
             try:
                 self._accept_result(job, event)
