@@ -84,9 +84,10 @@ class WorkerClient:
             return
         self.stderr_tail.clear()
         self._stopping = False
+        extra = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}  # no console window
         self.process = self.launcher(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self.env, text=True, encoding="utf-8", errors="replace", bufsize=1,
+            env=self.env, text=True, encoding="utf-8", errors="replace", bufsize=1, **extra,
         )
         self.starts += 1
         process = self.process
