@@ -96,3 +96,34 @@ def test_signed_map_renders_red_positive_and_blue_negative_evidence_over_grey_an
     assert is_grey(pixels[far]).all()  # zero (and the band around it) is transparent: anatomy only
     red, blue = pictures["positive"], pictures["negative"]
     assert red[0] > red[2] + 60 and blue[2] > blue[0] + 60
+
+
+def test_segmentation_is_drawn_as_an_outline_only_in_the_compare_views(app, lesion_case, tmp_path):
+    import slicer
+
+    from slicer_support import lesion_mask
+
+    volume, path = lesion_case
+    scene = app.scene
+    anatomy = load_volume(scene, path, "CT_1")
+    labelmap = nodes.add_volume_from_file(scene, write_volume(Volume(lesion_mask(volume).astype(np.uint8), volume.geometry),
+                                                              tmp_path / "seg.nrrd"), "seg", labelmap=True)
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(segmentation)
+    segmentation.CreateDefaultDisplayNodes()
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    segmentation.GetSegmentation().GetNthSegment(0).SetColor(0.0, 1.0, 0.0)
+    views = create_views(app, compare.layout_xml(["A", "B"], "Axial", main_views=False), SIZE)
+    compare.show_compare(scene, anatomy, [anatomy, anatomy], segmentation=segmentation)  # maps: anything
+    for tag in views:
+        compare.composite_node(scene, tag).SetForegroundVolumeID(None)
+    app.app_logic.FitSliceToAll(False, False)
+    centre = lesion_centre(volume.geometry)
+    compare.jump_to(scene, list(views), centre)
+    for tag, view in views.items():
+        pixels = capture(view).astype(int)
+        green = (pixels[..., 1] - np.maximum(pixels[..., 0], pixels[..., 2])) > 100
+        distance = np.linalg.norm(pixel_ras(view) - centre, axis=-1)
+        assert green.sum() > 30, tag
+        # on the lesion's rim only: nothing filled inside, nothing far outside
+        assert not green[distance < LESION_RADIUS - 3].any() and not green[distance > LESION_RADIUS + 3].any(), tag
