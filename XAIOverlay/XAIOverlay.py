@@ -79,7 +79,7 @@ class XAIOverlayParameterNode:
     channel3Volume: vtkMRMLScalarVolumeNode
     modelPath: pathlib.Path
     device: Device = Device.Auto
-    methods: str = "gradcam,hirescam,gradcampp"
+    methods: str = "gradcam,lrp,occlusion"
     camLayer: str = ""
     targetClass: str = ""
     targetRegion: Region = Region.Predicted
@@ -202,7 +202,7 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.classComboBox.addItem(_("(model's default)"), "")
             for name in info["class_names"]:
                 self.ui.classComboBox.addItem(name, name)
-            chosen = set(self._parameterNode.methods.replace(" ", "").split(","))
+            chosen = self.logic.reconcileMethods(self._parameterNode, info)
             self.ui.methodsListWidget.blockSignals(True)
             self.ui.methodsListWidget.clear()
             for method in info["methods"]:
@@ -347,9 +347,21 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
     def describe(self, parameters) -> dict:
         return self.core.describe(str(parameters.modelPath), parameters.device.value)
 
+    @staticmethod
+    def reconcileMethods(parameters, info) -> set:
+        """The chosen method specs; replaced by the model's defaults when some are unknown to the engine
+        or refused by the model (e.g. CAMs on TorchScript)."""
+        known = {method["name"] for method in info["methods"] if method["allowed"]}
+        chosen = {spec for spec in parameters.methods.replace(" ", "").split(",") if spec}
+        if not chosen or any(spec.split(":")[0] not in known for spec in chosen):
+            parameters.methods = ",".join(info["default_methods"])
+            chosen = set(info["default_methods"])
+        return chosen
+
     def explain(self, parameters):
         from XAIOverlayLib.logic import request_from_parameters
 
+        self.reconcileMethods(parameters, self.describe(parameters))
         self.applyDisplay(parameters)
         return self.core.explain(request_from_parameters(parameters))
 
