@@ -152,3 +152,15 @@ def test_label_index_map_takes_the_highest_positive_channel():
     labels[0, 0] = True              # background only → 0
     labels[1, 1] = labels[2, 1] = True  # two channels on (sigmoid) → 2
     assert label_index_map(labels).flatten().tolist() == [0, 2]
+
+
+def test_measuring_quality_without_the_metrics_package_is_refused_in_one_line(worker, models, inputs, tmp_path):
+    import importlib.util
+
+    assert importlib.util.find_spec("xaioverlay.metrics") is None  # this branch predates xaioverlay.metrics
+    _, path = inputs
+    events = run_until(worker, worker.send({"command": "explain", "model": str(models["classifier"]), "inputs": [str(path)],
+                                            "methods": ["gradcam"], "out": str(tmp_path / "m"), "evaluate": True}))
+    assert events[-1]["event"] == "error"
+    assert "needs the xaioverlay.metrics package" in events[-1]["message"] and "\n" not in events[-1]["message"]
+    assert not (tmp_path / "m" / "explanation.json").exists()
