@@ -208,7 +208,10 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for method in info["methods"]:
                 item = qt.QListWidgetItem(f"{method['label']} — {method['summary']}")
                 item.setData(qt.Qt.UserRole, method["spec"])
-                item.setFlags(qt.Qt.ItemIsUserCheckable | (qt.Qt.ItemIsEnabled if method["allowed"] else 0))
+                flags = qt.Qt.ItemIsUserCheckable
+                if method["allowed"]:
+                    flags |= qt.Qt.ItemIsEnabled
+                item.setFlags(flags)
                 item.setCheckState(qt.Qt.Checked if method["spec"] in chosen or method["name"] in chosen else qt.Qt.Unchecked)
                 self.ui.methodsListWidget.addItem(item)
             self.ui.methodsListWidget.blockSignals(False)
@@ -242,15 +245,15 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.core.process_events()
         job = self._job
         if job is None:
+            if not self.logic.core.jobs:  # the background work for the next case is done too
+                self._timer.stop()
             return
         done, total, unit = job.progress
         self.ui.progressBar.setMaximum(max(total, 1))
         self.ui.progressBar.setValue(done if not job.finished else max(total, 1))
         self.ui.statusLabel.text = job.status
         if job.finished:
-            if not self.logic.core.jobs:  # keep polling while the next case is prepared in the background
-                self._timer.stop()
-            self._job = None
+            self._job = None  # the timer keeps polling while the next case is prepared in the background
             self.onParametersChanged()
             if job.state == "failed":
                 slicer.util.errorDisplay(job.error, windowTitle=_("XAIOverlay"))
@@ -398,6 +401,8 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
     def useCases(self, parameters, fromFolder: bool):
         from XAIOverlayLib import cases
 
+        if fromFolder and str(parameters.caseFolder) in ("", "."):
+            raise ValueError(_("choose the case folder first"))
         found = cases.cases_from_folder(parameters.caseFolder) if fromFolder else cases.cases_from_scene(slicer.mrmlScene)
         return self.core.set_cases(found)
 
