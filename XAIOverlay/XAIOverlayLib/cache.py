@@ -61,10 +61,12 @@ class CachedMap:
 
 
 class MapCache:
-    """The on-disk cache; ``root`` is created on first use."""
+    """The on-disk cache; ``root`` is created on first use. Beyond ``max_bytes`` the least recently
+    used entries are removed (a hit counts as a use)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, max_bytes: int = 4 << 30) -> None:
         self.root = Path(root)
+        self.max_bytes = max_bytes
 
     def folder(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -76,7 +78,10 @@ class MapCache:
         except (OSError, ValueError):
             return None
         path = folder / MAP_FILE
-        return CachedMap(key, path, record) if path.is_file() else None
+        if not path.is_file():
+            return None
+        os.utime(folder)  # recently used
+        return CachedMap(key, path, record)
 
     def put(self, key: str, volume_file: str | os.PathLike, record: dict) -> CachedMap:
         """Store a copy of ``volume_file`` with its record; an existing entry is replaced."""
@@ -91,7 +96,23 @@ class MapCache:
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.prune(keep=key)
         return CachedMap(key, folder / MAP_FILE, record)
+
+    def prune(self, keep: str = "") -> None:
+        """Remove least recently used entries until the cache holds at most ``max_bytes``."""
+        entries = []
+        for folder in self.root.glob("??/*"):
+            if folder.is_dir() and not folder.name.startswith("."):
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                entries.append((folder.stat().st_mtime, size, folder))
+        total = sum(size for _, size, _ in entries)
+        for _, size, folder in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+                total -= size
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
