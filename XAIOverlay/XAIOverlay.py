@@ -348,7 +348,9 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
         return ensure_in_slicer()
 
     def describe(self, parameters) -> dict:
-        return self.core.describe(str(parameters.modelPath), parameters.device.value)
+        from XAIOverlayLib.logic import model_path
+
+        return self.core.describe(model_path(parameters), parameters.device.value)
 
     @staticmethod
     def reconcileMethods(parameters, info) -> set:

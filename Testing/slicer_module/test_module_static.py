@@ -173,3 +173,6 @@ def test_the_logic_reads_only_parameters_the_wrapper_declares():
     assert request.methods == ["gradcam", "hirescam"] and request.volumes == []
     assert (request.model, request.score, request.device, request.evaluate) == ("/models/net.yaml", "probability", "cpu", True)
     assert (request.target.key, request.target.region, request.target.radius_mm) == ("tumour", "roi", 4.0)
+    values["modelPath"] = Path()  # what the wrapper holds before a model is chosen
+    with pytest.raises(ValueError, match="choose a model first"):
+        request_from_parameters(types.SimpleNamespace(**values))

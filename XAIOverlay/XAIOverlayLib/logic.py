@@ -82,6 +82,14 @@ def measurement(request: ExplainRequest, anatomy, folder: Path | None) -> tuple[
     return str(path), f"measured:{digest}"
 
 
+def model_path(parameters) -> str:
+    """The chosen model, or a one-line error when none is chosen (an unset path reads as ".")."""
+    path = str(parameters.modelPath)
+    if path in ("", "."):
+        raise ValueError("choose a model first: a MONAI bundle folder, a spec file (.yaml/.json) or a TorchScript file")
+    return path
+
+
 def request_from_parameters(parameters) -> ExplainRequest:
     """The module's parameter node (``XAIOverlayParameterNode``) → a plain request."""
     volumes = [v for v in (parameters.inputVolume, parameters.channel2Volume, parameters.channel3Volume) if v]
@@ -94,7 +102,7 @@ def request_from_parameters(parameters) -> ExplainRequest:
                           segment_id=segment_id, roi=parameters.targetROI, point=parameters.targetPoint,
                           radius_mm=parameters.targetRadius)
     methods = [spec.strip() for spec in parameters.methods.split(",") if spec.strip()]
-    return ExplainRequest(volumes, str(parameters.modelPath), methods, target, parameters.score.value,
+    return ExplainRequest(volumes, model_path(parameters), methods, target, parameters.score.value,
                           parameters.camLayer.strip(), parameters.device.value, parameters.measureQuality,
                           parameters.referenceSegmentation)
 
