@@ -38,7 +38,20 @@ def app():
 
     application = SlicerApp()
     application.scene.AddNode(vtkMRMLInteractionNode())
-    return application
+    yield application
+    # Tearing down views whose layers still show volumes makes slicer-core's layer pipeline print
+    # "vtkImageMapToColors: No LookupTable" for every view; that is teardown noise, not a test result.
+    import gc
+
+    import vtk
+
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        application.scene.Clear(1)
+        del application
+        gc.collect()
+    finally:
+        vtk.vtkObject.GlobalWarningDisplayOn()
 
 
 @pytest.fixture
