@@ -63,7 +63,8 @@ def test_signed_map_shows_both_tails_and_hides_the_band_around_zero(scene):
     node = map_node(scene, ramp(True))
     threshold = colours.style_map(scene, node, signed=True, percentile=90.0)
     display = node.GetDisplayNode()
-    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (-500, 500)  # symmetric around zero
+    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    assert -low == high and 500 <= high < 500 * 1.01  # symmetric around zero, just wide enough for the largest value
     assert threshold == pytest.approx(np.quantile(np.arange(1, 501), 0.9), rel=1e-6)
     assert colours.colour_of(scene, node, 0.0)[3] == 0
     assert colours.colour_of(scene, node, threshold * 0.9)[3] == 0 and colours.colour_of(scene, node, -threshold * 0.9)[3] == 0
@@ -75,6 +76,34 @@ def test_signed_map_shows_both_tails_and_hides_the_band_around_zero(scene):
     assert table.GetHideFromEditors() and nodes.attribute(table, "owner") == node.GetID()
     nodes.remove_nodes(scene, [node])
     assert scene.GetNodeByID(table.GetID()) is None
+
+
+def test_shown_signed_colours_grow_with_magnitude_and_are_never_near_white():
+    rgb, alpha = colours.banded_colours(threshold=2.0, limit=10.0, entries=200)
+    values = colours.entry_values(-10.0, 10.0, 200)
+    shown = alpha > 0
+    assert np.array_equal(shown, np.abs(values) >= 2.0)
+    saturation = rgb.max(1) - rgb.min(1)
+    assert saturation[shown].min() > 0.3  # the weakest shown value is a clear blue or red
+    positive = shown & (values > 0)
+    assert np.all(np.diff(rgb[positive, 2]) <= 1e-9)  # red side: blue channel falls as values grow
+    np.testing.assert_allclose(rgb[shown].mean(1), rgb[shown][::-1].mean(1), atol=0.1)  # mirror-symmetric lightness
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_heavy_tailed_signed_map_shows_exactly_its_top_percent(scene, scale):
+    """Most voxels near zero, a few large: the band must still hide exactly what lies under the threshold."""
+    values = (np.random.default_rng(3).laplace(0.0, 1.0, 20000) ** 3 * scale).astype(np.float32)
+    node = map_node(scene, values.reshape(20, 25, 40))
+    threshold = colours.style_map(scene, node, signed=True, percentile=95.0)
+    display = node.GetDisplayNode()
+    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    table = display.GetColorNode()
+    index = np.clip(np.floor((values - low) / (high - low) * table.GetNumberOfColors()), 0, table.GetNumberOfColors() - 1).astype(int)
+    alpha = np.array([table.GetLookupTable().GetTableValue(i)[3] for i in range(table.GetNumberOfColors())])[index]
+    shown = alpha > 0
+    assert np.array_equal(shown, np.abs(values) >= threshold)  # exact: ±threshold fall on entry edges
+    assert abs(shown.mean() - 0.05) < 0.001 and -low == high >= np.abs(values).max()
 
 
 def test_empty_map_shows_nothing(scene):

@@ -78,9 +78,14 @@ def test_signed_map_renders_red_positive_and_blue_negative_evidence_over_grey_an
     centre = lesion_centre(geometry)
     head = geometry.ijk_to_ras_points(np.array([(np.array(geometry.size) - 1) / 2]))[0]
     opposite = head + (head - centre) * np.array([1.0, 1.0, -1.0])  # mirrored in R and A, same axial plane
-    values = blob_volume(geometry, centre, 6.0, value=1.0).array - blob_volume(geometry, opposite, 6.0, value=0.8).array
+    # heavy-tailed like real maps: a very hot core, two blobs, faint noise everywhere; the band to hide
+    # (|v| < 0.8) is far narrower than 1/256 of the range (±1000), what Slicer's window/level resolves
+    values = (blob_volume(geometry, centre, 6.0, value=1.0).array + blob_volume(geometry, centre, 1.5, value=999.0).array
+              - blob_volume(geometry, opposite, 6.0, value=0.8).array
+              + np.random.default_rng(2).normal(0.0, 1e-3, geometry.size))
     signed = nodes.add_volume_from_file(scene, write_volume(Volume(values.astype(np.float32), geometry, "lrp"), tmp_path / "lrp.nrrd"), "LRP")
-    colours.style_map(scene, signed, signed=True, percentile=50.0)
+    threshold = colours.style_map(scene, signed, signed=True, percentile=98.0)  # the blobs: 2.05 % of the voxels
+    assert 0.7 < threshold < 0.81
     views = create_views(app, compare.layout_xml(["LRP"], "Axial", main_views=False), SIZE)
     tag = compare.view_name(0)
     compare.show_layers(scene, tag, anatomy, signed, 1.0)

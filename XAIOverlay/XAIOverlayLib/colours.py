@@ -9,7 +9,8 @@ Inferno are not loaded everywhere):
 - ``XAIOverlay Signed`` (diverging, blue < 0 < red, symmetric) for signed maps (LRP, gradient×input,
   IG): the window is [−M, M] with M = max |value|. A display threshold keeps one interval and cannot
   hide the band −t < v < t between two shown tails, so each signed map gets a copy of the table whose
-  entries inside that band are transparent (hidden from editors, removed with the map).
+  entries inside that band are transparent (hidden from editors, removed with the map), and whose
+  shown entries start part-way out along the palette, so that faint evidence is not drawn near-white.
 
 "Top 5 %" means the 95th percentile of the non-zero magnitudes (the montage uses the same rule).
 """
@@ -53,10 +54,14 @@ def visible_threshold(values: np.ndarray, signed: bool, percentile: float) -> fl
 
 
 def _fill_table(table, rgb: np.ndarray, alpha: np.ndarray) -> None:
+    """Set a colour table's entries at once (RGB and alpha in [0, 1])."""
+    from vtk.util import numpy_support
+
     table.SetTypeToUser()
     table.SetNumberOfColors(len(rgb))
-    for index, ((r, g, b), a) in enumerate(zip(rgb, alpha)):
-        table.SetColor(index, f"{index}", float(r), float(g), float(b), float(a))
+    rgba = np.round(np.c_[rgb, alpha] * 255).astype(np.uint8)
+    table.GetLookupTable().SetTable(numpy_support.numpy_to_vtk(rgba, deep=True))
+    table.Modified()
 
 
 def shared_table(scene, name: str):
@@ -72,12 +77,56 @@ def shared_table(scene, name: str):
     return table
 
 
+#: Where the weakest shown value of a signed map starts on the palette, from its centre (0) to its
+#: ends (1): shown values are never near-white, so faint evidence does not read as fog.
+SIGNED_FLOOR = 0.35
+
+
+def banded_colours(threshold: float, limit: float, entries: int = ENTRIES) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (entries, 3) and alpha (entries,) of a signed map's table spanning [−limit, limit].
+
+    Entries with |value| < threshold are transparent (their colour stays the palette's, for the
+    legend); shown entries map |value| from threshold → limit onto the palette from SIGNED_FLOOR of the
+    way out to its end, blue for negative and red for positive values, mirror-symmetric around zero.
+    """
+    values = entry_values(-limit, limit, entries)
+    shown = np.abs(values) >= threshold
+    strength = np.clip((np.abs(values) - threshold) / max(limit - threshold, 1e-12), 0.0, 1.0)
+    reach = np.where(shown, SIGNED_FLOOR + (1 - SIGNED_FLOOR) * strength, np.abs(values) / limit)
+    position = 0.5 + 0.5 * np.sign(values) * reach
+    anchors = np.asarray(SIGNED_ANCHORS, float)
+    rgb = np.stack([np.interp(position, anchors[:, 0], anchors[:, c]) for c in (1, 2, 3)], axis=1)
+    return rgb, shown.astype(float)
+
+
+def signed_window(threshold: float, limit: float, entries: int = 2048, most: int = 65536) -> tuple[float, int]:
+    """(half width W ≥ limit, number of entries N) of a signed map's table over [−W, W].
+
+    A table entry is either shown or hidden, so the band −t < v < t is exact only when ±t fall on entry
+    edges: the entry width is chosen as t / k (k whole, about ``entries`` entries in all), and W grows
+    to a whole number of entries. Heavy-tailed maps (t ≪ limit) would need more than ``most`` entries;
+    they get ``most``, and the band then hides at most one entry's width beyond t.
+    """
+    if not np.isfinite(threshold) or threshold <= 0 or threshold >= limit:
+        return limit, ENTRIES
+    width = 2 * limit / entries
+    width = threshold / max(1, round(threshold / width))
+    count = 2 * int(np.ceil(limit / width))
+    if count > most:
+        return limit, most
+    return count * width / 2, count
+
+
 def _banded_table(scene, volume, threshold: float, limit: float):
-    """A copy of the signed table for ``volume`` whose entries with |value| < threshold are transparent."""
+    """The signed table for ``volume`` (see :func:`banded_colours`): its own copy, hidden from editors."""
     found = [n for n in nodes.owned_nodes(scene, nodes.COLOUR, owner=volume.GetID())]
     table = found[0] if found else slicer.vtkMRMLColorTableNode()
-    alpha = (np.abs(entry_values(-limit, limit)) >= threshold).astype(float)
-    _fill_table(table, palette(SIGNED_ANCHORS), alpha)
+    half, count = signed_window(threshold, limit)
+    rgb, alpha = banded_colours(threshold, half, count)
+    if count == 65536 and np.isfinite(threshold):  # coarse: hide every entry that reaches into the band
+        edges = np.abs(entry_values(-half, half, count)) - half / count
+        alpha = (edges >= threshold - 1e-12 * half).astype(float)
+    _fill_table(table, rgb, alpha)
     if not found:
         table.SetName(f"{SIGNED} · {volume.GetName()}")
         table.SetHideFromEditors(True)
@@ -105,11 +154,17 @@ def style_map(scene, volume, signed: bool, percentile: float = 95.0) -> float:
     display.SetAutoWindowLevel(0)
     display.SetInterpolate(1)
     if signed:
+        # Slicer's window/level step quantises to 256 levels before the table; a signed map's band is
+        # often narrower than one level, so the table maps the values directly over its own range.
         table = _banded_table(scene, volume, threshold, limit)
+        half = signed_window(threshold, limit)[0]
+        table.GetLookupTable().SetRange(-half, half)
         display.SetAndObserveColorNodeID(table.GetID())
-        display.SetWindowLevelMinMax(-limit, limit)
+        display.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseDirectMapping)
+        display.SetWindowLevelMinMax(-half, half)
         display.SetApplyThreshold(0)
     else:
+        display.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseDataScalarRange)  # Slicer's default
         display.SetAndObserveColorNodeID(shared_table(scene, HEAT).GetID())
         shown_from = min(threshold, limit * 2)  # inf (empty map): nothing shown
         display.SetWindowLevelMinMax(min(shown_from, limit * (1 - 1e-6)), limit)
@@ -124,7 +179,10 @@ def colour_of(scene, volume, value: float) -> tuple[float, float, float, float]:
     """RGBA a map node's display gives ``value`` (its table at its window; alpha 0 where hidden)."""
     display = volume.GetDisplayNode()
     table = display.GetColorNode()
-    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    if display.GetScalarRangeFlag() == slicer.vtkMRMLDisplayNode.UseDirectMapping:
+        low, high = table.GetLookupTable().GetRange()
+    else:
+        low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
     count = table.GetNumberOfColors()
     index = int(np.clip(np.floor((value - low) / (high - low) * count), 0, count - 1))
     rgba = [0.0] * 4
