@@ -122,6 +122,20 @@ def test_legend_follows_the_map_and_its_views(scene):
     assert colours.legend(scene, node, "Grad-CAM") is legend  # one legend per map
 
 
+def test_signed_legend_reads_the_same_table_over_the_same_range(scene):
+    """Slicer's legend skips directly mapped display nodes; a hidden second display node feeds it."""
+    node = map_node(scene, ramp(True))
+    colours.style_map(scene, node, signed=True)
+    legend = colours.legend(scene, node, "LRP")
+    source, shown = legend.GetPrimaryDisplayNode(), node.GetDisplayNode()
+    assert shown.GetScalarRangeFlag() == slicer.vtkMRMLDisplayNode.UseDirectMapping and node.GetNthDisplayNode(0) is shown
+    assert source is not shown and source.GetColorNodeID() == shown.GetColorNodeID() and not source.GetVisibility()
+    assert (source.GetWindowLevelMin(), source.GetWindowLevelMax()) == shown.GetColorNode().GetLookupTable().GetRange()
+    colours.style_map(scene, node, signed=False)  # the same node shown as non-negative: no second display node
+    assert colours.legend(scene, node, "LRP").GetPrimaryDisplayNode() is node.GetDisplayNode()
+    assert scene.GetNodeByID(source.GetID()) is None
+
+
 def test_volume_rendering_hides_voxels_under_the_threshold(app):
     node = map_node(app.scene, ramp(False))
     threshold = colours.style_map(app.scene, node, signed=False, percentile=95.0)

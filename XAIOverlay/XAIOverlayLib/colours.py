@@ -192,6 +192,32 @@ def colour_of(scene, volume, value: float) -> tuple[float, float, float, float]:
     return tuple(rgba)
 
 
+def legend_source(scene, volume, display):
+    """The display node a legend reads its colours and range from.
+
+    Slicer's legend draws nothing for a display node that maps values directly (it takes that for RGB
+    data), which signed maps use; for them a second, hidden display node of the same volume carries the
+    same table with the same range through the usual window, for the legend alone. Slicer draws the
+    volume with its first display node, so the hidden one changes nothing in the views.
+    """
+    proxies = [volume.GetNthDisplayNode(i) for i in range(volume.GetNumberOfDisplayNodes())
+               if nodes.attribute(volume.GetNthDisplayNode(i), "role") == "legend-source"]
+    if display.GetScalarRangeFlag() != slicer.vtkMRMLDisplayNode.UseDirectMapping:
+        nodes.remove_nodes(scene, proxies)
+        return display
+    proxy = proxies[0] if proxies else slicer.vtkMRMLScalarVolumeDisplayNode()
+    if not proxies:
+        proxy.SetVisibility(0)
+        nodes.set_attributes(proxy, role="legend-source")
+        scene.AddNode(proxy)
+        volume.AddAndObserveDisplayNodeID(proxy.GetID())
+    low, high = display.GetColorNode().GetLookupTable().GetRange()
+    proxy.SetAutoWindowLevel(0)
+    proxy.SetAndObserveColorNodeID(display.GetColorNodeID())
+    proxy.SetWindowLevelMinMax(low, high)
+    return proxy
+
+
 def legend(scene, volume, title: str, view_node_ids: list[str] | None = None):
     """A colour legend for the map (one per map, reused), shown in the given views (all when None)."""
     display = display_node(scene, volume)
@@ -204,7 +230,7 @@ def legend(scene, volume, title: str, view_node_ids: list[str] | None = None):
         found = slicer.vtkMRMLColorLegendDisplayNode()
         scene.AddNode(found)
         volume.AddAndObserveDisplayNodeID(found.GetID())
-    found.SetAndObservePrimaryDisplayNode(display)
+    found.SetAndObservePrimaryDisplayNode(legend_source(scene, volume, display))
     found.SetTitleText(title)
     found.SetLabelFormat("%.3g")
     found.SetVisibility(1)
