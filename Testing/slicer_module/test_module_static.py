@@ -117,7 +117,7 @@ def test_cmake_lists_every_script_and_resource_and_nothing_missing():
     text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
-    bundles = cmake_list(text, "MODULE_DEMO_BUNDLE_FILES") if "MODULE_DEMO_BUNDLE_FILES\n  )" not in text else []
+    bundles = cmake_list(text, "MODULE_DEMO_BUNDLE_FILES")
     on_disk = sorted(str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts and p.parts[len(MODULE.parts)] != "Testing")
     assert sorted(scripts) == on_disk
     resource_files = sorted(str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file())
