@@ -181,12 +181,14 @@ def main(argv=None) -> int:
         compare.jump_to(scene, list(views), centre)  # every view through the tumour's centre
         pictures = {tag: capture(view) for tag, view in views.items()}
         print(f"{'method':<12} {'overlay px':>10} {'on tumour':>10}")
+        shares = {}
         for tag, label in zip(logic.compare_tags, labels):
             ras = pixel_ras(views[tag])
             green = (pictures[tag][..., 1].astype(int) - pictures[tag][..., [0, 2]].max(-1) > 60)
             overlay = coloured(pictures[tag]) & ~green
             overlay[:, -70:] = False  # the colour legend on the right
-            share = on_mask(ras[overlay], mask).mean() if overlay.any() else float("nan")
+            share = on_mask(ras[overlay], mask).mean() if overlay.any() else 0.0
+            shares[tag] = share
             print(f"{label:<12} {int(overlay.sum()):>10} {share:>10.1%}")
         vtk_table = table.GetTable()
         columns = [vtk_table.GetColumn(c).GetName() for c in range(vtk_table.GetNumberOfColumns())]
@@ -195,11 +197,11 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         compose(pictures, labels, logic.compare_tags, rows, columns, out)
         print(f"wrote {out}")
-        first = views[logic.compare_tags[0]]
-        pixel = np.unravel_index(np.argmin(np.linalg.norm(pixel_ras(first) - centre, axis=-1)), pictures[logic.compare_tags[0]].shape[:2])
+        best = max(shares, key=shares.get)  # the icon shows the method whose overlay lies best on the tumour
+        pixel = np.unravel_index(np.argmin(np.linalg.norm(pixel_ras(views[best]) - centre, axis=-1)), pictures[best].shape[:2])
+        compare.set_opacity(scene, [best], 0.75)
         for place in args.icons:
-            compare.set_opacity(scene, [logic.compare_tags[0]], 0.75)
-            icon(capture(first), pixel, Path(place))
+            icon(capture(views[best]), pixel, Path(place))
             print(f"wrote {place}")
     finally:
         logic.shutdown()
