@@ -190,7 +190,11 @@ class WorkerClient:
         if event.get("event") == "_eof":
             if process is not self.process:
                 return []
-            process.wait()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # closed its output but kept running: not usable any more
+                process.kill()
+                process.wait(timeout=5)
             time.sleep(0.05)  # let the stderr reader take the last lines
             return self._died(process)
         if process is not self.process:
