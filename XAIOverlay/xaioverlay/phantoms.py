@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .volumes import LPS_TO_RAS, Geometry, Volume
+from .volumes import Geometry, Volume
 
 __all__ = [
     "DEFAULT_GEOMETRY",
