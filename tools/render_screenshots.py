@@ -1,12 +1,14 @@
 """Render the README's Slicer screenshot and the extension icons from a real MRML scene, offscreen.
 
-    python tools/render_screenshots.py                  # a held-out demo phantom, the demo classifier
-    python tools/render_screenshots.py --model M --volume V --mask TUMOUR.nrrd --target class:tumour
+    python tools/render_screenshots.py                  # a held-out demo phantom, the demo segmenter
+    python tools/render_screenshots.py --model Resources/bundles/tumour_classifier --out Docs/screenshots/compare_classifier.png --icons
+    python tools/render_screenshots.py --model M --volume V --mask TUMOUR.nrrd --target tumour
 
 The module's own logic (XAIOverlayLib) runs against slicer-core: the engine worker explains the volume,
 the maps become volume nodes with the module's colour tables, the compare layout's views are filled
 and drawn by Slicer's slice pipeline (trame-slicer direct views, offscreen). The ground-truth tumour
-is outlined in green. Writes ``Docs/screenshots/compare.png`` and the 128 × 128 icons
+is outlined in green (the model's own segmentation, for segmentation models, in cyan). Writes
+``Docs/screenshots/compare.png`` and the 128 × 128 icons
 ``XAIOverlay.png`` and ``XAIOverlay/Resources/Icons/XAIOverlay.png``, and prints, per method, how many
 of the overlay's pixels lie on the tumour.
 """
@@ -30,10 +32,10 @@ METHODS = "gradcam,hirescam,gradcampp"
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model (default: the demo tumour classifier bundle)")
+    parser.add_argument("--model", help="model (default: the demo tumour segmenter bundle)")
     parser.add_argument("--volume", help="volume to explain (default: the held-out demo phantom)")
     parser.add_argument("--mask", help="ground-truth tumour mask, outlined (default: the phantom's)")
-    parser.add_argument("--target", default="tumour", help="class or channel to explain (default: tumour)")
+    parser.add_argument("--target", default="tumour", help="class (classifier) or channel over the model's predicted region (segmenter); default: tumour")
     parser.add_argument("--methods", default=METHODS, help=f"three methods, comma-separated (default: {METHODS})")
     parser.add_argument("--orientation", default="Axial", choices=("Axial", "Coronal", "Sagittal"))
     parser.add_argument("--out", default=str(ROOT / "Docs" / "screenshots" / "compare.png"))
@@ -43,12 +45,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 def demo_inputs(folder: Path) -> tuple[Path, Path, Path]:
     """(model, volume, tumour mask) of the demo: the held-out phantom the CLI demo explains."""
-    from xaioverlay.demo import CLASSIFIER, DEMO_SEED, bundle_path
+    from xaioverlay.demo import DEMO_SEED, SEGMENTER, bundle_path
     from xaioverlay.phantoms import make_phantom
     from xaioverlay.volumes import write_volume
 
     phantom = make_phantom(DEMO_SEED)
-    return (bundle_path(CLASSIFIER), write_volume(phantom.image, folder / "phantom_t1c.nrrd"),
+    return (bundle_path(SEGMENTER), write_volume(phantom.image, folder / "phantom_t1c.nrrd"),
             write_volume(phantom.tumour_mask, folder / "tumour_mask.nrrd"))
 
 
@@ -152,7 +154,14 @@ def main(argv=None) -> int:
     from xaioverlay.volumes import read_volume
 
     work = Path(tempfile.mkdtemp(prefix="xaioverlay-screens-"))
-    model, volume_path, mask_path = demo_inputs(work) if not args.volume else (Path(args.model), Path(args.volume), Path(args.mask))
+    model, volume_path, mask_path = demo_inputs(work)
+    if args.volume:
+        if not args.mask:
+            print("render_screenshots: --volume needs --mask (the tumour to outline and score)", file=sys.stderr)
+            return 2
+        volume_path, mask_path = Path(args.volume), Path(args.mask)
+    if args.model:
+        model = Path(args.model)
     app = SlicerApp()
     scene = app.scene
     scene.AddNode(slicer.vtkMRMLInteractionNode())

@@ -26,6 +26,9 @@ from .worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 
+#: Outline colours of the model's segments (cyan first): apart from the heat and signed tables' colours.
+SEGMENT_COLOURS = ((0.0, 0.85, 1.0), (0.55, 1.0, 0.35), (1.0, 0.4, 1.0), (1.0, 1.0, 1.0))
+
 
 @dataclass
 class ExplainRequest:
@@ -409,6 +412,8 @@ class OverlayLogic:
         segmentation.CreateDefaultDisplayNodes()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
         nodes.remove_nodes(self.scene, [labelmap])
+        for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
+            segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
         nodes.set_attributes(segmentation, role=nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
         nodes.place_in_folder(self.scene, segmentation, nodes.xai_folder(self.scene, anatomy, model_display_name(model)))
         return segmentation
