@@ -58,7 +58,7 @@ def test_ctrl_c_stops_occlusion_and_leaves_no_output(case):
     process = subprocess.Popen(
         [sys.executable, "-m", "xaioverlay", "explain", "--model", str(model), "--input", str(volume),
          "--methods", "occlusion:2/1", "--out", str(out), "--progress", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=env,
     )
     try:
         for line in process.stdout:

@@ -272,7 +272,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_map(tmp_path):
         squeezed = explain(model, [volume], [Occlusion(occluder(16, 16), BRUTE_FORCE, batch_size=64)], "class:1").results[0]
         print(squeezed.extras["batch_size"], float((squeezed.model_grid_map - reference.model_grid_map).abs().max()))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     batch, difference = done.stdout.split()

@@ -94,7 +94,7 @@ def _headless(profile: Path, *arguments: str) -> subprocess.CompletedProcess:
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
                "--host-resolver-rules=MAP * ~NOTFOUND", *arguments]  # nothing can be fetched: the page must not need it
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def _colour_pixels(image: np.ndarray, hex_colour: str, tolerance: int = 6) -> int:

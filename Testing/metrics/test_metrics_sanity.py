@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ from xaioverlay.methods import build_method
 from xaioverlay.metrics.sanity import (
     cascading_randomisation, execution_order, parameter_blocks, random_logit,
 )
-from xaioverlay.models import LoadedModel, load_model
+from xaioverlay.models import LoadedModel, ModelInput, load_model
 from xaioverlay.targets import Target
+from xaioverlay.volumes import Geometry
 
 
 def _snapshot(network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,11 +34,11 @@ def _identical(network: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> b
 def _gradcam(model_input_tensor):
     method = build_method("gradcam")
 
-    class _Input:  # the engine's attribute() reads .tensor only
-        tensor = model_input_tensor
+    grid = Geometry.from_ijk_to_ras(np.eye(4), tuple(model_input_tensor.shape[2:]))  # 1 mm voxels
+    model_input = ModelInput(model_input_tensor, np.eye(4), grid, [])
 
     def explain(model, target):
-        return attribute(method, model, _Input, target).map.detach()
+        return attribute(method, model, model_input, target).map.detach()
 
     return explain
 

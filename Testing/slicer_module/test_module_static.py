@@ -90,7 +90,7 @@ def test_the_slicer_side_library_imports_no_heavy_package_at_import_time():
     """Importing XAIOverlayLib (what the module does on first use) must not pull in torch or MONAI."""
     code = ("import sys; import XAIOverlayLib.logic, XAIOverlayLib.dependencies, XAIOverlayLib.cases;"
             "heavy = sorted(m for m in ('torch', 'monai', 'SimpleITK', 'matplotlib') if m in sys.modules); print(heavy)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=MODULE, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -154,13 +155,17 @@ def test_label_index_map_takes_the_highest_positive_channel():
     assert label_index_map(labels).flatten().tolist() == [0, 2]
 
 
-def test_measuring_quality_without_the_metrics_package_is_refused_in_one_line(worker, models, inputs, tmp_path):
-    import importlib.util
-
-    assert importlib.util.find_spec("xaioverlay.metrics") is None  # this branch predates xaioverlay.metrics
+def test_measuring_quality_returns_the_metrics_columns_with_each_methods_record(worker, models, inputs, tmp_path):
     _, path = inputs
+    options = {"step_fraction": 0.1, "randomisation_depth": 1, "road": False}  # a quick measurement
     events = run_until(worker, worker.send({"command": "explain", "model": str(models["classifier"]), "inputs": [str(path)],
-                                            "methods": ["gradcam"], "out": str(tmp_path / "m"), "evaluate": True}))
-    assert events[-1]["event"] == "error"
-    assert "needs the xaioverlay.metrics package" in events[-1]["message"] and "\n" not in events[-1]["message"]
-    assert not (tmp_path / "m" / "explanation.json").exists()
+                                            "methods": ["gradcam", "gxi"], "out": str(tmp_path / "m"), "evaluate": True,
+                                            "metric_options": options}))
+    assert events[-1]["event"] == "result", events[-1]
+    records = events[-1]["explanation"]["methods"]
+    assert [r["method"] for r in records] == ["gradcam", "gxi"]
+    for record in records:
+        measured = record["metrics"]
+        assert math.isfinite(measured["deletion AUC (blur)"]) and 0.0 <= measured["Gini sparseness"] <= 1.0
+        assert measured["randomisation verdict"] in ("pass", "fail")
+        assert "pointing game" not in measured  # a classifier without a reference mask has no localisation

@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     # before torch starts its threads (build_parser imports the methods): spinning OpenMP threads
     # starve each other on a busy CPU (see Testing/conftest.py); a value given by the user wins
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal shows '?' for '·' or '×' instead of failing
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     # MONAI announces future changes of its defaults on every transform; users cannot act on them
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")

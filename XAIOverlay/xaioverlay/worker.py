@@ -224,13 +224,9 @@ class Worker:
         """Explain and measure; returns (the explanation, one {column title: value} per method)."""
         import numpy as np
 
+        from .metrics.evaluate import MetricOptions, columns, evaluate
         from .volumes import Volume, read_volume
 
-        try:
-            from .metrics.evaluate import MetricOptions, columns, evaluate
-        except ImportError:
-            raise XAIOverlayError("measuring quality needs the xaioverlay.metrics package, which this installation lacks; "
-                                  "turn 'Measure quality' off or update XAIOverlay") from None
         reference = None
         if request.get("reference_mask"):
             reference = read_volume(request["reference_mask"])
