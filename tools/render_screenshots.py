@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT / "XAIOverlay"), str(ROOT)]
 
 from tools.offscreen_views import capture, create_views  # noqa: E402
 
-METHODS = "gradcam,hirescam,gradcampp"
+METHODS = "gradcam,lrp,occlusion"
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -38,6 +38,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default="tumour", help="class (classifier) or channel over the model's predicted region (segmenter); default: tumour")
     parser.add_argument("--methods", default=METHODS, help=f"three methods, comma-separated (default: {METHODS})")
     parser.add_argument("--orientation", default="Axial", choices=("Axial", "Coronal", "Sagittal"))
+    parser.add_argument("--percentile", type=float, default=99.5,
+                        help="overlay threshold percentile, the module's slider (default 99.5: about the tumour's share of the volume; the module starts at 95)")
     parser.add_argument("--out", default=str(ROOT / "Docs" / "screenshots" / "compare.png"))
     parser.add_argument("--icons", nargs="*", default=[str(ROOT / "XAIOverlay.png"), str(ROOT / "XAIOverlay" / "Resources" / "Icons" / "XAIOverlay.png")])
     return parser.parse_args(argv)
@@ -181,6 +183,7 @@ def main(argv=None) -> int:
             print(f"render_screenshots: explanation failed: {job.error}", file=sys.stderr)
             return 1
         maps = logic.map_nodes(job)
+        logic.set_percentile(args.percentile, maps)
         labels = [nodes.attribute(node, "label") for node in maps]
         views = create_views(app, compare.layout_xml(labels, args.orientation), (330, 330))
         table = logic.show_compare(job, args.orientation, legends=True)
