@@ -21,18 +21,16 @@ largest difference from MONAI's map (relative to the map's range) as a check tha
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 # before torch loads: spinning OpenMP threads starve each other on a busy CPU (Testing/conftest.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
+
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

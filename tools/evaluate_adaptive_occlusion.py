@@ -17,7 +17,7 @@ most 0.05; relevance mass: the means differ by at most 5 % of exact's), with at 
 from __future__ import annotations
 
 import argparse
-import math
+
 import os
 import sys
 import tempfile

@@ -7,10 +7,11 @@ import torch
 from monai.networks import nets
 from torch import nn
 
+from xaioverlay.baselines import gaussian_blur
 from xaioverlay.errors import InputError
 from xaioverlay.methods import build_method
 from xaioverlay.methods.gradients import (
-    BLUR_SIGMA_VOXELS, GradientTimesInput, IntegratedGradients, gaussian_blur, gradient_times_input,
+    BLUR_SIGMA_VOXELS, GradientTimesInput, IntegratedGradients, gradient_times_input,
     integrated_gradients, make_baseline,
 )
 from xaioverlay.models.base import LoadedModel

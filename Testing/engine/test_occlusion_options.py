@@ -13,8 +13,7 @@ from xaioverlay import cli, sliding
 from xaioverlay.errors import InputError
 from xaioverlay.explain import explain
 from xaioverlay.methods import build_method
-from xaioverlay.methods.occlusion import Occlusion
-from xaioverlay.methods.occlusion.fill import gaussian_blur
+from xaioverlay.baselines import gaussian_blur
 from xaioverlay.methods.occlusion.grid import OccluderGrid, axis_starts, mean_drop_map
 from xaioverlay.models import load_model
 from xaioverlay.volumes import write_volume

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from xaioverlay.metrics import complexity, localisation
-from xaioverlay.metrics.faithfulness import baseline_input, deletion_insertion, gaussian_blur, perturbation_steps
+from xaioverlay.baselines import gaussian_blur
+from xaioverlay.metrics.faithfulness import baseline_input, deletion_insertion, perturbation_steps
 from xaioverlay.models import LoadedModel
 from xaioverlay.targets import Target
 

@@ -3,7 +3,6 @@ a map that depends on the model from one that does not; the random-logit check s
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

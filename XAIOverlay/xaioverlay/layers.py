@@ -53,6 +53,14 @@ def trace_layers(model: LoadedModel, x: torch.Tensor | None = None) -> list[Laye
             types[name] = type(module).__name__
 
         handles.append(module.register_forward_hook(hook))
+    observed_forward(model, x, handles)
+    return [LayerInfo(n, types[n], shapes.get(n, ()), calls[n]) for n in finished]
+
+
+def observed_forward(model: LoadedModel, x: torch.Tensor, handles: list) -> None:
+    """One inference pass of ``x`` (1, C, X, Y, Z) with the hooks ``handles`` attached, then removed
+    (also on error). The model's pass counters stay as they were: looking at a network is not
+    explaining it."""
     counted = model.passes.as_dict()
     try:
         with torch.inference_mode():
@@ -61,7 +69,6 @@ def trace_layers(model: LoadedModel, x: torch.Tensor | None = None) -> list[Laye
         for handle in handles:
             handle.remove()
         model.passes.forward, model.passes.backward = counted["forward"], counted["backward"]
-    return [LayerInfo(n, types[n], shapes.get(n, ()), calls[n]) for n in finished]
 
 
 def candidate_layers(model: LoadedModel, x: torch.Tensor | None = None) -> list[LayerInfo]:

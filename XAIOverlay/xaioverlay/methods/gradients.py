@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..baselines import baseline
 from ..errors import InputError
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
@@ -32,33 +32,11 @@ def gradient_times_input(model: LoadedModel, x: torch.Tensor, target: Target) ->
     return (x * grad).detach()
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of the spatial axes of (B, C, X, Y, Z), edges replicated."""
-    radius = max(1, int(round(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    channels = x.shape[1]
-    out = x
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        weight = kernel.reshape(shape).expand(channels, *shape[1:])
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), weight, groups=channels)
-    return out
-
-
 def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The IG baseline for ``x`` (B, C, X, Y, Z): zeros, a Gaussian-blurred copy, or each channel's mean."""
-    if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "blurred":
-        return gaussian_blur(x, BLUR_SIGMA_VOXELS)
-    if kind == "mean":
-        return x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x).clone()
-    raise InputError(f"unknown IG baseline {kind!r}; use one of: {', '.join(BASELINES)}")
+    if kind not in BASELINES:
+        raise InputError(f"unknown IG baseline {kind!r}; use one of: {', '.join(BASELINES)}")
+    return baseline(x, "blur" if kind == "blurred" else kind, BLUR_SIGMA_VOXELS)
 
 
 def gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:

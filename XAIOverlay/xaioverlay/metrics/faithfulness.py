@@ -21,7 +21,6 @@ sliding-window model is scored as its own inferer runs it).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,12 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..baselines import KINDS as BASELINES  # noqa: F401  (the metric options name them)
+from ..baselines import baseline as baseline_input
 from ..errors import InputError
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
 
-BASELINES = ("zero", "mean", "blur")
 KINDS = ("deletion", "insertion")
 
 
@@ -81,50 +81,6 @@ def perturbation_steps(
             step_map = step_map.repeat_interleave(size, dim=axis)
         step_map = step_map[: shape[0], : shape[1], : shape[2]]
     return step_map, steps
-
-
-def gaussian_blur(x: torch.Tensor, sigma_voxels: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian blur of the spatial axes, edges replicated.
-
-    Args:
-        x: (B, C, X, Y, Z).
-        sigma_voxels: standard deviation along X, Y, Z in voxels (0 leaves an axis alone).
-    Returns:
-        (B, C, X, Y, Z).
-    """
-    channels = x.shape[1]
-    for axis, sigma in enumerate(sigma_voxels):
-        if sigma <= 0:
-            continue
-        radius = max(1, int(math.ceil(3 * sigma)))
-        taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        shape = [1, 1, 1]
-        shape[axis] = kernel.numel()
-        weight = kernel.reshape(1, 1, *shape).repeat(channels, 1, 1, 1, 1)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=channels)
-    return x
-
-
-def baseline_input(x: torch.Tensor, kind: str, blur_sigma_voxels: Sequence[float] = (4.0, 4.0, 4.0)) -> torch.Tensor:
-    """What "removed" voxels become.
-
-    Args:
-        x: (1, C, X, Y, Z) model input.
-        kind: ``zero``, ``mean`` (per channel) or ``blur``.
-    Returns:
-        (1, C, X, Y, Z).
-    """
-    if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "mean":
-        return x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x).clone()
-    if kind == "blur":
-        return gaussian_blur(x, blur_sigma_voxels)
-    raise InputError(f"unknown perturbation baseline {kind!r}; use {', '.join(BASELINES)}")
 
 
 def perturbed_inputs(x: torch.Tensor, baseline: torch.Tensor, step_map: torch.Tensor, steps: torch.Tensor, kind: str) -> torch.Tensor:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
-from .faithfulness import area_under_curve, baseline_input, perturbation_steps, target_scores
+from ..baselines import baseline
+from .faithfulness import area_under_curve, perturbation_steps, target_scores
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORDERS = ("morf", "lerf")
@@ -156,7 +157,7 @@ def road_curves(
     rank = (steps_map.float() - 0.5) / steps  # 0 = most relevant, 1 = least
     generator = torch.Generator().manual_seed(seed)
     jobs = [(order, f) for order in orders for f in fractions]
-    reference = baseline_input(x, "blur", blur_sigma_voxels)
+    reference = baseline(x, "blur", blur_sigma_voxels)
     values = target_scores(model, target, torch.cat([x, reference]))
     original, reference_score = float(values[0]), float(values[1])
     scores: dict[tuple[str, float], float] = {}

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from ..errors import ModelError
+from ..layers import observed_forward
 from ..models.base import CLASSIFICATION, LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
@@ -78,14 +79,7 @@ def execution_order(model: LoadedModel, x: torch.Tensor) -> list[str]:
         module.register_forward_pre_hook(lambda m, inputs, name=name: seen.append(name) if name not in seen else None)
         for name, module in modules
     ]
-    counted = model.passes.as_dict()
-    try:
-        with torch.inference_mode():
-            model.forward(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.passes.forward, model.passes.backward = counted["forward"], counted["backward"]
+    observed_forward(model, x, handles)
     unseen = [name for name, _ in modules if name not in seen]  # parameters never used in the pass
     return seen + unseen
 

@@ -2,44 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-
-def gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
-    """Normalised 1D Gaussian truncated at 3σ: (2r + 1,), r = ceil(3σ)."""
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian blur of each channel, borders replicated.
-
-    Args:
-        x: (B, C, X, Y, Z).
-        sigma: standard deviation per axis, voxels.
-    Returns:
-        (B, C, X, Y, Z).
-    """
-    channels = x.shape[1]
-    out = x.float()
-    for axis, s in enumerate(sigma):
-        if s <= 0:
-            continue
-        kernel = gaussian_kernel(float(s), x.device)
-        radius = kernel.numel() // 2
-        shape = [1, 1, 1]
-        shape[axis] = kernel.numel()
-        weight = kernel.view(1, 1, *shape).repeat(channels, 1, 1, 1, 1)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), weight, groups=channels)
-    return out.to(x.dtype)
+from ...baselines import baseline
 
 
 def fill_values(x: torch.Tensor, fill: str, size: Sequence[int]) -> torch.Tensor:
@@ -53,10 +20,4 @@ def fill_values(x: torch.Tensor, fill: str, size: Sequence[int]) -> torch.Tensor
     Returns:
         (1, C, X, Y, Z).
     """
-    if fill == "zero":
-        return torch.zeros_like(x)
-    if fill == "mean":
-        return x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x).contiguous()
-    if fill == "blur":
-        return gaussian_blur(x, [s / 2 for s in size])
-    raise ValueError(f"unknown fill {fill!r}")
+    return baseline(x, fill, [s / 2 for s in size])
