@@ -70,6 +70,8 @@ def render_montage(anatomy: Volume, maps: Sequence[tuple[str, Volume, bool]], pa
     rows = max(len(maps), 1)
     figure = Figure(figsize=(10.5, 3.3 * rows), dpi=90)
     FigureCanvasAgg(figure)
+    # margins first: colour bars are placed beside their row's axes as they stand, and stay there
+    figure.subplots_adjust(left=0.06, right=0.9, top=0.95, bottom=0.03, wspace=0.05, hspace=0.2)
     for row, (label, volume, signed) in enumerate(maps):
         values = resample_array(volume.array.astype(np.float32), source, size, affine)
         peak = peak_index(values)
@@ -79,14 +81,17 @@ def render_montage(anatomy: Volume, maps: Sequence[tuple[str, Volume, bool]], pa
         cmap = DIVERGING_CMAP if signed else SEQUENTIAL_CMAP
         threshold = overlay_threshold(values, signed, top_fraction)
         shown = np.abs(values) if signed else values
-        image = None
+        image, row_axes = None, []
         for column, (anatomy_plane, value_plane, shown_plane) in enumerate(
             zip(_planes(background, peak), _planes(values, peak), _planes(shown, peak))
         ):
             axes = figure.add_subplot(rows, 3, row * 3 + column + 1)
+            row_axes.append(axes)
             axes.imshow(anatomy_plane, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
             overlay = np.ma.masked_where(shown_plane < threshold, value_plane)
-            image = axes.imshow(overlay, cmap=cmap, norm=norm, alpha=0.75, interpolation="nearest")
+            # a diverging map is near-white around zero: fade weak values in so that they do not hide the anatomy
+            alpha = np.clip(np.abs(value_plane) / (0.25 * limit), 0.15, 1.0) * 0.75 if signed else 0.75
+            image = axes.imshow(overlay, cmap=cmap, norm=norm, alpha=alpha, interpolation="nearest")
             left, right, top, bottom = _EDGES[column]
             for text, xy in ((left, (0.01, 0.5)), (right, (0.95, 0.5)), (top, (0.5, 0.93)), (bottom, (0.5, 0.01))):
                 axes.text(*xy, text, color="yellow", fontsize=8, transform=axes.transAxes)
@@ -96,9 +101,8 @@ def render_montage(anatomy: Volume, maps: Sequence[tuple[str, Volume, bool]], pa
             axes.set_yticks([])
             if column == 0:
                 axes.set_ylabel(label, fontsize=10, fontweight="bold")
-        bar = figure.colorbar(image, ax=figure.axes[-3:], fraction=0.025, pad=0.01)
+        bar = figure.colorbar(image, ax=row_axes, fraction=0.025, pad=0.01)
         bar.set_label("relevance (signed)" if signed else "relevance", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    figure.subplots_adjust(left=0.06, right=0.9, top=0.95, bottom=0.03, wspace=0.05, hspace=0.2)
     figure.savefig(str(path), format="png")
     return Path(path)
