@@ -33,6 +33,14 @@ class LesionDetector(nn.Module):
         return self.pool(self.act(self.smooth(x) - 0.5)).flatten(1) * 100
 
 
+class SaturatingDetector(LesionDetector):
+    """Saturates once a little of the lesion is seen: hiding a part of it costs almost nothing, hiding
+    it whole everything — the strongly non-additive case of a segmentation target (analytic)."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x) * 10) * 100
+
+
 @pytest.fixture(scope="module")
 def model():
     return LoadedModel(network=LesionDetector(), device=torch.device("cpu"), task="classification",
@@ -66,6 +74,19 @@ def test_adaptive_spends_a_tenth_of_the_passes_and_matches_exact_on_the_lesion(m
     assert np.abs(a[core] - e[core]).max() <= 1e-4 * (e.max() - e.min())
     mass = lambda m: np.clip(m, 0, None)[lesion].sum() / np.clip(m, 0, None).sum()  # noqa: E731
     assert abs(mass(a) - mass(e)) <= 0.05 * mass(e)
+
+
+def test_a_coarse_box_that_hides_the_whole_lesion_spreads_nothing_outside_it(volume):
+    image, lesion = volume
+    model = LoadedModel(network=SaturatingDetector(), device=torch.device("cpu"), task="classification",
+                        class_names=["lesion"], in_channels=1, activation="none")
+    exact, adaptive = explain(model, [image], [Occlusion(finest()), AdaptiveOcclusion(300, finest())]).results
+    a, e = adaptive.model_grid_map.numpy(), exact.model_grid_map.numpy()
+    coarse = adaptive.parameters["levels"][0]
+    assert coarse["size_voxels"][0] >= 2 * LESION_RADIUS + 1  # a coarse box can hide the whole lesion at once
+    mass = lambda m: np.clip(m, 0, None)[lesion].sum() / np.clip(m, 0, None).sum()  # noqa: E731
+    assert mass(e) > 0.3 and abs(mass(a) - mass(e)) <= 0.05 * mass(e)
+    assert np.corrcoef(a.ravel(), e.ravel())[0, 1] >= 0.99
 
 
 def test_a_budget_that_covers_the_finest_grid_gives_exact_occlusion(model, volume):

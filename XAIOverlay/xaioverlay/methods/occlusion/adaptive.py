@@ -9,10 +9,14 @@ it was evaluated.
 The map (:func:`compose_levels`), in units of a drop of one finest-size box:
 
 - where the finest level is complete, it *is* exact occlusion at the finest size;
-- elsewhere it comes from the finest level complete there, by conservation: to first order a box's
-  drop is the sum of a per-voxel drop density over its voxels; what the box's finer-resolved voxels
-  already account for is subtracted, and the rest is spread evenly over its other voxels. Plain
-  coarse values would smear the evidence of a small lesion over whole coarse boxes.
+- elsewhere it comes from the finest level complete there: a box's drop is spread evenly over its
+  voxels as a drop density (to first order a box's drop is the sum of a density over its voxels),
+  except for boxes that hold voxels resolved by finer boxes: they were refined because they hold the
+  evidence, which the finer boxes now locate, and what their drop exceeds the finer drops by is the
+  interaction of hiding a whole lesion at once (strong for a segmentation target: hiding the lesion
+  whole removes it, hiding a part of it does not), not evidence in their other voxels. Spreading that
+  remainder put half of the positive relevance outside the tumour on the demo segmenter; leaving it
+  out matches exact occlusion (``tools/evaluate_adaptive_occlusion.py``).
 
 Budget: forward passes of occluded inputs (occluders evaluated). Occluders that cannot reach a
 segmentation target are known to drop nothing and cost nothing.
@@ -106,9 +110,9 @@ def compose_levels(levels: list[Level], finest_volume: int) -> torch.Tensor:
     """The adaptive map (see the module docstring), (X, Y, Z) in finest-box drop units.
 
     Each voxel takes its value from the finest level complete there (the coarsest is complete
-    everywhere). For a coarser level's box B with drop D: R = D − Σ_{u ∈ B, resolved finer} map(u) /
-    finest_volume, kept between 0 and D; its other voxels get R / (their count) × finest_volume,
-    averaged over the boxes covering them.
+    everywhere). A coarser level's box B with drop D gives its voxels D / |B| × finest_volume when no
+    voxel of B is resolved by a finer level, else 0; a voxel averages this over the boxes covering it.
+    Unevaluated finest boxes then get the drop this estimate predicts (its sum over the box).
     """
     depth = torch.full(levels[0].grid.shape, -1, dtype=torch.long, device=levels[0].drops.device)
     for number, level in enumerate(levels):
@@ -124,11 +128,9 @@ def compose_levels(levels: list[Level], finest_volume: int) -> torch.Tensor:
         level = levels[number]
         resolved = depth > number
         boxes = level.grid.boxes(depth.device)
-        explained = box_sums(summed_volume(torch.where(resolved, estimate, 0.0)), boxes) / finest_volume
-        free = box_sums(summed_volume((~resolved).double()), boxes)
-        drops = level.drops.double()
-        residual = torch.minimum(torch.maximum(drops - explained, drops.clamp(max=0)), drops.clamp(min=0))
-        density = torch.where(free > 0, residual / free.clamp_min(1), torch.zeros_like(residual))
+        refined = box_sums(summed_volume(resolved.double()), boxes) > 0
+        volume = box_sums(summed_volume(torch.ones_like(resolved, dtype=torch.float64)), boxes)
+        density = torch.where(refined, torch.zeros_like(volume), level.drops.double() / volume.clamp_min(1))
         estimate = torch.where(here, level.mean_map((density * finest_volume).float()), estimate)
     if finest == 0:
         return estimate
