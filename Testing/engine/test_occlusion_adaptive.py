@@ -89,6 +89,20 @@ def test_a_coarse_box_that_hides_the_whole_lesion_spreads_nothing_outside_it(vol
     assert np.corrcoef(a.ravel(), e.ravel())[0, 1] >= 0.99
 
 
+def test_progress_counts_occluders_of_the_budget_on_a_sliding_window_model():
+    from xaioverlay.demo import SEGMENTER, bundle_path
+    from xaioverlay.models import load_model
+    from xaioverlay.phantoms import make_phantom
+    from xaioverlay.progress import Progress
+
+    events = []
+    model = load_model(bundle_path(SEGMENTER), device="cpu")  # 64³ windows over a 64 × 80 × 64 volume
+    explain(model, [make_phantom(100000).image], [AdaptiveOcclusion(60, finest(8, 4))], progress=Progress(events.append))
+    steps = [e for e in events if e["event"] == "progress" and e.get("unit") == "occluders"]
+    assert steps and all(0 <= e["done"] <= e["total"] == 60 for e in steps)
+    assert steps[-1]["done"] == 60 and [e["done"] for e in steps] == sorted(e["done"] for e in steps)
+
+
 def test_a_budget_that_covers_the_finest_grid_gives_exact_occlusion(model, volume):
     image, _ = volume
     options = OccluderOptions(Lengths((8.0,) * 3), Lengths((8.0,) * 3))

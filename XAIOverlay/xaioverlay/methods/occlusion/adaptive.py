@@ -36,7 +36,7 @@ from ...targets import Target
 from ..base import Attribution
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
-from .method import Occlusion, progress_reporter, run_record
+from .method import Occlusion, run_record
 from .options import Lengths, OccluderOptions, parse_adaptive
 from .scoring import OcclusionScorer, Speedups
 
@@ -143,6 +143,13 @@ def compose_levels(levels: list[Level], finest_volume: int) -> torch.Tensor:
     return mean_drop_map(drops.float().view(last.grid.counts), last.grid.axis_masks(depth.device))[0]
 
 
+def budget_reporter(progress: Progress, used: int, count: int, budget: int):
+    """``report(done, total)`` for one level's :meth:`OcclusionScorer.drops` (in window passes, several
+    per occluder on a sliding-window model), shown as occluders of the budget: ``used`` before this
+    level, ``count`` in it."""
+    return lambda done, total: progress(used + (count * done // total if total else count), budget, unit="occluders")
+
+
 class AdaptiveOcclusion(Occlusion):
     """Coarse-to-fine occlusion under a budget of forward passes (see the module docstring)."""
 
@@ -191,12 +198,12 @@ class AdaptiveOcclusion(Occlusion):
                 evaluated = ~reachable  # unreachable boxes drop nothing, known without a pass
                 evaluated[chosen] = True
                 drops = torch.zeros(len(grid), device=x.device)
-                drops[chosen] = scorer.drops((boxes[chosen, 0], boxes[chosen, 1]), progress_reporter(progress, used, budget))
+                drops[chosen] = scorer.drops((boxes[chosen, 0], boxes[chosen, 1]), budget_reporter(progress, used, len(chosen), budget))
                 used += len(chosen)
                 results.append(Level(grid, drops, evaluated))
                 estimate = compose_levels(results, finest_volume)
                 results[-1].chosen = len(chosen)
-        progress(budget, budget, unit="passes")
+        progress(budget, budget, unit="occluders")
         parameters = {**self.parameters(finest, target), "budget": budget,
                       "levels": [{"size_voxels": list(g.box_size), "stride_voxels": list(g.stride), "occluders": len(g),
                                   "evaluated": level.chosen} for g, level in zip(levels, results)]}

@@ -35,10 +35,9 @@ def run_record(scorer: OcclusionScorer) -> dict:
     return record
 
 
-def progress_reporter(progress: Progress, offset: int = 0, total: int | None = None):
-    """``report(done, total)`` for :meth:`OcclusionScorer.drops`, in passes; ``offset``/``total``
-    place one call inside a longer run (adaptive occlusion's levels)."""
-    return lambda done, count: progress(offset + done, total if total is not None else count, unit="passes")
+def progress_reporter(progress: Progress):
+    """``report(done, total)`` for :meth:`OcclusionScorer.drops`, in passes."""
+    return lambda done, count: progress(done, count, unit="passes")
 
 
 class Occlusion(Method):
