@@ -1,6 +1,6 @@
 """Time the full metric set for one 96³ map against the 60 s budget (issue 5), family by family.
 
-    python tools/benchmark_metrics.py                       # the demo classifier if present, else its architecture
+    python tools/benchmark_metrics.py                       # the demo classifier
     python tools/benchmark_metrics.py --model PATH --method gxi --depth 3
 
 Prints seconds and passes per metric family, the total against the budget, and the cost of each
@@ -25,22 +25,9 @@ sys.path[:0] = [str(ROOT / "XAIOverlay")]
 BUDGET_S = 60.0
 
 
-def demo_like_classifier():
-    """The demo classifier's architecture (MONAI ResNet, block_inplanes 8–64) with seeded weights."""
-    from monai.networks.nets import ResNet
-
-    from xaioverlay.models import LoadedModel
-
-    torch.manual_seed(0)
-    network = ResNet("basic", [1, 1, 1, 1], [8, 16, 32, 64], spatial_dims=3, n_input_channels=1, num_classes=2,
-                     conv1_t_size=7, conv1_t_stride=2, no_max_pool=True, act=("relu", {"inplace": False}))
-    return LoadedModel(network, torch.device("cpu"), "classification", ["no tumour", "tumour"], 1, activation="softmax",
-                       format="architecture of the demo classifier, seeded weights")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model to time (default: Resources/bundles/tumour_classifier, else its architecture)")
+    parser.add_argument("--model", default=None, help="model to time (default: the demo classifier bundle)")
     parser.add_argument("--method", default="gradcam", help="method whose map is measured (default gradcam)")
     parser.add_argument("--size", type=int, default=96, help="cube edge in voxels (default 96)")
     parser.add_argument("--depth", default="all", help="randomisation depth: a number or all (default all)")
@@ -51,14 +38,14 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
+    from xaioverlay.demo import CLASSIFIER, bundle_path
     from xaioverlay.measure import measure
     from xaioverlay.metrics.evaluate import MetricOptions, evaluate
     from xaioverlay.models import load_model
     from xaioverlay.volumes import Geometry, Volume
 
-    bundle = ROOT / "Resources" / "bundles" / "tumour_classifier"
-    path = args.model or (str(bundle) if bundle.is_dir() else None)
-    model = load_model(path, device="cpu") if path else demo_like_classifier()
+    path = args.model or str(bundle_path(CLASSIFIER))
+    model = load_model(path, device="cpu")
     size = (args.size,) * 3
     geometry = Geometry(size, (2.5, 2.5, 2.5), (0.0, 0.0, 0.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
     rng = np.random.default_rng(0)
@@ -72,7 +59,7 @@ def main() -> int:
     depth = None if args.depth == "all" else int(args.depth)
     options = MetricOptions(step_fraction=0.01, baselines=("blur",), randomisation_depth=depth, batch_size=args.batch_size,
                             road=not args.no_road)
-    print(f"model: {path or model.format}; map: {args.method}; volume {'×'.join(map(str, size))}; "
+    print(f"model: {path}; map: {args.method}; volume {'×'.join(map(str, size))}; "
           f"{torch.get_num_threads()} threads; batch {args.batch_size}")
     load = os.getloadavg()[0]
     cpu_start = time.process_time()

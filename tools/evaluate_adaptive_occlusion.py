@@ -17,7 +17,6 @@ most 0.05; relevance mass: the means differ by at most 5 % of exact's), with at 
 from __future__ import annotations
 
 import argparse
-
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "XAIOverlay")]
@@ -37,20 +37,19 @@ from xaioverlay.demo import CLASSIFIER, SEGMENTER, bundle_path  # noqa: E402
 from xaioverlay.explain import explain  # noqa: E402
 from xaioverlay.methods.occlusion import AdaptiveOcclusion, Occlusion  # noqa: E402
 from xaioverlay.methods.occlusion.options import Lengths, OccluderOptions  # noqa: E402
+from xaioverlay.metrics import localisation  # noqa: E402
 from xaioverlay.models import load_model  # noqa: E402
 from xaioverlay.volumes import write_volume  # noqa: E402
 
 
 def pointing_game(values: np.ndarray, mask: np.ndarray) -> float:
-    """1.0 when a voxel at the map's maximum lies inside ``mask``."""
-    return float((mask & (values == values.max())).any())
+    """1.0 when a voxel at the map's maximum lies inside ``mask`` (the engine's metric, no tolerance)."""
+    return float(localisation.pointing_game(torch.from_numpy(values)[None], torch.from_numpy(mask))[0])
 
 
 def relevance_mass(values: np.ndarray, mask: np.ndarray) -> float:
-    """Σ_mask max(v, 0) / Σ max(v, 0) (NaN when nothing is positive)."""
-    positive = np.clip(values, 0, None).astype(np.float64)
-    total = positive.sum()
-    return float(positive[mask].sum() / total) if total > 0 else float("nan")
+    """Share of the map's positive values inside ``mask`` (the engine's metric; NaN when none is positive)."""
+    return float(localisation.relevance_mass_accuracy(torch.from_numpy(values)[None], torch.from_numpy(mask))[0])
 
 
 def main(argv=None) -> int:
