@@ -155,6 +155,12 @@ def test_label_index_map_takes_the_highest_positive_channel():
     assert label_index_map(labels).flatten().tolist() == [0, 2]
 
 
+def test_label_index_map_counts_every_sigmoid_channel_as_a_class():
+    labels = torch.zeros(1, 3, 1, 1, dtype=torch.bool)
+    labels[0, 1] = True  # a one-channel sigmoid segmenter: its channel 0 is the foreground
+    assert label_index_map(labels, independent=True).flatten().tolist() == [0, 1, 0]
+
+
 def test_measuring_quality_returns_the_metrics_columns_with_each_methods_record(worker, models, inputs, tmp_path):
     _, path = inputs
     options = {"step_fraction": 0.1, "randomisation_depth": 1, "road": False}  # a quick measurement

@@ -91,15 +91,15 @@ class ModelCache:
         return model, False
 
 
-def label_index_map(labels):
-    """Per-voxel label from per-channel decisions: (K, X, Y, Z) bool → (X, Y, Z) int64.
+def label_index_map(labels, independent: bool = False):
+    """Per-voxel label from per-channel decisions: (K, X, Y, Z) bool → (X, Y, Z) int64, 0 where none is on.
 
-    The highest channel index that is on (0 where none is): the argmax for one-hot (softmax) outputs,
-    the last positive channel for independent (sigmoid) outputs.
+    One-hot (softmax) outputs: the channel index (channel 0 is the background). Independent (sigmoid)
+    outputs, where every channel is a class: the highest channel on, plus one.
     """
     import torch
 
-    channels = torch.arange(labels.shape[0], device=labels.device).view(-1, 1, 1, 1)
+    channels = torch.arange(labels.shape[0], device=labels.device).view(-1, 1, 1, 1) + int(independent)
     return (labels.long() * channels).amax(0)
 
 
@@ -111,7 +111,8 @@ def predicted_segmentation(model, volumes):
 
     model_input = model.preprocess(volumes)
     logits = model.infer(model_input.tensor)
-    index = label_index_map(model.predicted_labels(logits)[0]).cpu().numpy().astype(np.uint8)
+    index = label_index_map(model.predicted_labels(logits)[0], independent=model.activation == "sigmoid")
+    index = index.cpu().numpy().astype(np.uint8)
     reference = model_input.reference
     array = resample_array(index, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="nearest")
     return Volume(array.astype(np.uint8), reference, f"{volumes[0].name} segmentation")
