@@ -55,6 +55,54 @@ def test_windowed_lrp0_and_gxi_equal_the_gradient_through_monai_sliding_window_i
         assert conservation["input_relevance"] == pytest.approx(float(results[spec].model_grid_map.sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("baseline", ["mean", "blurred"])
+def test_windowed_ig_uses_the_whole_volumes_baseline_and_equals_ig_through_monai_sliding_window_inference(tmp_path, baseline):
+    from xaioverlay.methods.gradients import make_baseline
+
+    spec = save_spec_model(tmp_path / "unet", BN_UNET, task="segmentation", class_names=["background", "tumour"],
+                           sliding_window={"roi_size": [16, 16, 16], "overlap": 0.25, "mode": "gaussian"})
+    model = load_model(spec, device="cpu")
+    geometry = Geometry((28, 22, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    volume = blob_volume(geometry, geometry.ijk_to_ras_points([[12, 10, 8]])[0], 5.0, noise=0.2)
+    spec_text = "channel:tumour@point:" + ",".join(f"{v:.1f}" for v in geometry.ijk_to_ras_points([[12, 10, 8]])[0]) + ",6"
+    steps = 8
+    result = explain(model, [volume], [f"ig:{steps}/{baseline}"], spec_text).results[0]
+    assert result.parameters["windows"]["used"] > 1
+
+    # reference: IG with the same quadrature, every step through MONAI's own sliding-window inference
+    from xaioverlay.methods.gradients import gauss_legendre
+
+    model_input = model.preprocess([volume])
+    target = resolve_target(spec_text, model, model_input, model.infer(model_input.tensor))
+    x = model_input.tensor
+    start = make_baseline(x, baseline)  # the whole volume's baseline, not each window's
+    window = model.sliding_window
+    nodes, weights = gauss_legendre(steps)
+    total = torch.zeros_like(x)
+    for alpha, weight in zip(nodes, weights):
+        point = (start + float(alpha) * (x - start)).requires_grad_(True)
+        out = sliding_window_inference(point, window.roi_size, 1, model.network, overlap=window.overlap, mode=window.mode,
+                                       sigma_scale=window.sigma_scale)
+        (grad,) = torch.autograd.grad(target(out).sum(), point)
+        total += float(weight) * grad
+    reference = ((x - start) * total)[0].sum(0)
+    difference = (result.model_grid_map - reference).abs().max() / reference.abs().max()
+    assert float(difference) <= 1e-4
+
+
+def test_probability_targets_are_refused_for_window_by_window_methods(tmp_path):
+    from xaioverlay.errors import InputError
+
+    spec = save_spec_model(tmp_path / "unet", BN_UNET, task="segmentation", class_names=["background", "tumour"],
+                           sliding_window={"roi_size": [16, 16, 16], "overlap": 0.25})
+    model = load_model(spec, device="cpu")
+    geometry = Geometry((28, 22, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    volume = blob_volume(geometry, geometry.ijk_to_ras_points([[12, 10, 8]])[0], 5.0, noise=0.2)
+    spec_text = "channel:tumour@point:" + ",".join(f"{v:.1f}" for v in geometry.ijk_to_ras_points([[12, 10, 8]])[0]) + ",6"
+    with pytest.raises(InputError, match="--score logit"):
+        explain(model, [volume], ["gxi"], spec_text, score="probability")
+
+
 def write_bundle(folder, norm: str, seed: int = 0):
     """A MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) of a UNet."""
     from monai.networks.nets import UNet

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__, sliding
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .measure import measure
 from .methods import Method, build_methods
 from .methods.base import Attribution
@@ -151,13 +151,19 @@ def attribute_by_window(
     result = torch.zeros(padded.shape[2:], device=x.device)
     parameters: dict = {}
     extras: list[dict] = []
-    for done, part in enumerate(active, start=1):
-        window_target = target.restricted(share[part] * importance)
-        attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS)
-        result[part] += attribution.map
-        parameters = attribution.parameters
-        extras.append(attribution.extras)
-        progress(done, len(active), unit="windows")
+    method.begin_windows(x, pads)
+    try:
+        for done, part in enumerate(active, start=1):
+            method.window = part
+            window_target = target.restricted(share[part] * importance)
+            attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS)
+            result[part] += attribution.map
+            parameters = attribution.parameters
+            extras.append(attribution.extras)
+            progress(done, len(active), unit="windows")
+    finally:
+        method.window = None
+        method.end_windows()
     parameters = {**parameters, "windows": {"used": len(active), "total": len(slices), "roi_size": list(window.roi_size)}}
     return Attribution(sliding.unpad(result, pads), method.signed, parameters, method.combine_extras(extras))
 
@@ -175,6 +181,11 @@ def attribute(method: Method, model: LoadedModel, model_input: ModelInput, targe
     # automatic choices are made on what the network will see: the whole input, or one window
     method.prepare(model, x.new_zeros((*x.shape[:2], *model.sliding_window.roi_size)) if windowed else x)
     if windowed and method.by_window and target.weights is not None:
+        if not target.splits_over_windows:
+            raise InputError(
+                f"{method.label} explains a sliding-window model window by window, which needs a score that adds up "
+                "over windows; a probability of the blended output does not: use --score logit (occlusion takes either)"
+            )
         return attribute_by_window(method, model, x, target, progress)
     return method.attribute(model, x, target, progress)
 

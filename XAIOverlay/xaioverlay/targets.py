@@ -98,6 +98,13 @@ class Target:
             return channel
         return (channel * self.weights).flatten(1).sum(1)
 
+    @property
+    def splits_over_windows(self) -> bool:
+        """True when the score is a sum of per-window shares of sliding-window inference: a region
+        target that is linear in the blended output. A probability is an activation of the blended
+        logits, not a blend of per-window probabilities, so it does not split."""
+        return self.weights is not None and (self.score == "logit" or self.activation == "none")
+
     def restricted(self, weights: torch.Tensor) -> "Target":
         """The same target with other region weights (one sliding window's share)."""
         return Target(self.index, self.name, self.score, self.activation, weights, self.region)

@@ -49,6 +49,8 @@ class Method:
     #: Voxel spacing (mm per axis) of the grid the method sees; the engine sets it before
     #: :meth:`prepare` so that options given in mm (occluder sizes) can be turned into voxels.
     spacing_mm: tuple[float, float, float] | None = None
+    #: During a window-by-window run: the current window's slices of the padded grid (else None).
+    window: tuple[slice, ...] | None = None
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "Method":
@@ -71,6 +73,15 @@ class Method:
     ) -> Attribution:
         """Explain ``target`` for input ``x`` (1, C, X, Y, Z) on the model's device."""
         raise NotImplementedError
+
+    def begin_windows(self, x: torch.Tensor, pads) -> None:
+        """Called once before a window-by-window run with the whole input (1, C, X, Y, Z) and the
+        padding the windows are cut from (see :func:`xaioverlay.sliding.window_padding`); while it
+        runs, :attr:`window` holds the current window's slices of the padded grid. Methods whose
+        inputs depend on the whole volume (e.g. a mean or blurred baseline) prepare them here."""
+
+    def end_windows(self) -> None:
+        """Called after a window-by-window run, also on error."""
 
     @classmethod
     def combine_extras(cls, extras: list[dict]) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import sliding
 from ..baselines import baseline
 from ..errors import InputError
 from ..models.base import LoadedModel
@@ -126,8 +127,20 @@ class IntegratedGradients(Method):
         parts = ([str(self.steps)] if self.steps != 64 else []) + ([self.baseline] if self.baseline != "zero" else [])
         return f"{self.name}:{'/'.join(parts)}" if parts else self.name
 
+    _whole_baseline: torch.Tensor | None = None
+
+    def begin_windows(self, x: torch.Tensor, pads) -> None:
+        # one baseline for the whole volume, padded as the windows are: a window's own mean or blur differs
+        self._whole_baseline = sliding.pad(make_baseline(x, self.baseline), pads)
+
+    def end_windows(self) -> None:
+        self._whole_baseline = None
+
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        baseline = make_baseline(x, self.baseline)
+        if self.window is not None and self._whole_baseline is not None:
+            baseline = self._whole_baseline[(slice(None), slice(None), *self.window)]
+        else:
+            baseline = make_baseline(x, self.baseline)
         attributions, completeness = integrated_gradients(model, x, target, baseline, self.steps, self.batch_size, progress)
         parameters = {"steps": self.steps, "baseline": self.baseline, "quadrature": "gauss-legendre"}
         if self.baseline == "blurred":

@@ -207,9 +207,7 @@ class OcclusionScorer:
             except Exception as error:  # scripted or dynamic networks: forward passes instead
                 self.slower_because = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}" if str(error) else type(error).__name__
                 log.info("occlusion: network not traceable (%s); using whole forward passes", self.slower_because)
-        # the target splits into per-window shares only if it is linear in the blended output: a
-        # probability is an activation of the blended logits, so such targets are scored whole
-        splits = target.weights is not None and (target.score == "logit" or target.activation == "none")
+        splits = target.splits_over_windows  # else scored whole, through the model's own inference
         if windowed and not (speedups.reuse_windows and splits):
             # the model's own sliding-window inference for every occluded volume
             self.views = [View((0, 0, 0), x, fill, target)]
