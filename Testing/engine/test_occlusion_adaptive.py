@@ -111,6 +111,17 @@ def test_a_budget_that_covers_the_finest_grid_gives_exact_occlusion(model, volum
     torch.testing.assert_close(adaptive.model_grid_map, exact.model_grid_map)
 
 
+@pytest.mark.parametrize("spec", ["occlusion-adaptive", "occlusion-adaptive:blur", "occlusion-adaptive:300", "occlusion-adaptive:300:6/3:mean",
+                                  "occlusion-adaptive:10mm/5mm"])
+def test_a_recorded_spec_reads_back_as_the_same_method(spec):
+    from xaioverlay.methods import build_method
+
+    method = build_method(spec)
+    again = build_method(method.spec)
+    assert (again.budget, again.options.size, again.options.effective_stride, again.options.fill) == \
+        (method.budget, method.options.size, method.options.effective_stride, method.options.fill)
+
+
 def test_levels_double_until_the_coarsest_takes_a_quarter_of_the_budget():
     levels = plan_levels(OccluderGrid((64, 80, 64), (8, 8, 8), (4, 4, 4)), 400)
     assert [g.size for g in levels] == [(32, 32, 32), (16, 16, 16), (8, 8, 8)]

@@ -171,7 +171,11 @@ class AdaptiveOcclusion(Occlusion):
 
     @property
     def spec(self) -> str:
-        return f"{self.name}:{self.budget}:{self.options.text()}" if self.budget else f"{self.name}:{self.options.text()}"
+        if self.budget:
+            return f"{self.name}:{self.budget}:{self.options.text()}"
+        # without a budget, a bare leading number would read back as one: the stride is written out
+        explicit = OccluderOptions(self.options.size, self.options.effective_stride, self.options.fill)
+        return f"{self.name}:{explicit.text()}"
 
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
         finest = self.grid(x.shape[2:])
