@@ -213,3 +213,13 @@ def test_batched_windows_score_as_the_models_own_inferer(tmp_path):
     one_by_one = torch.stack([target(model.infer(item[None]))[0] for item in inputs])
     assert model.sliding_window.sw_batch_size == 1  # the user's model is not changed
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -2.0])
+def test_a_blur_baseline_without_width_is_refused_in_one_line(sigma):
+    from xaioverlay.errors import InputError
+    from xaioverlay.metrics.evaluate import MetricOptions
+
+    with pytest.raises(InputError, match="--blur-sigma-mm") as caught:
+        MetricOptions(blur_sigma_mm=sigma)
+    assert "\n" not in str(caught.value)

@@ -161,6 +161,15 @@ def test_label_index_map_counts_every_sigmoid_channel_as_a_class():
     assert label_index_map(labels, independent=True).flatten().tolist() == [0, 1, 0]
 
 
+def test_an_unknown_metric_option_is_refused_in_one_line(worker, models, inputs, tmp_path):
+    _, path = inputs
+    events = run_until(worker, worker.send({"command": "explain", "model": str(models["classifier"]), "inputs": [str(path)],
+                                            "methods": ["gradcam"], "out": str(tmp_path / "m"), "evaluate": True,
+                                            "metric_options": {"stepfraction": 0.1}}))
+    assert events[-1]["event"] == "error" and "unknown metric option(s) stepfraction" in events[-1]["message"]
+    assert "\n" not in events[-1]["message"] and not (tmp_path / "m" / "explanation.json").exists()
+
+
 def test_measuring_quality_returns_the_metrics_columns_with_each_methods_record(worker, models, inputs, tmp_path):
     _, path = inputs
     options = {"step_fraction": 0.1, "randomisation_depth": 1, "road": False}  # a quick measurement

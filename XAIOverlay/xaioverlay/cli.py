@@ -216,21 +216,13 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()})
     if args.progress != "json":
         print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
-        from .metrics.report import table_rows
+        from .metrics.report import format_number, table_rows
 
         table, rows = table_rows(evaluation)
         print(f"{'':<30}" + "".join(f"{row['method'][:13]:>14}" for row in rows))
         for column in table[1:]:
-            print(f"{column.title[:30]:<30}" + "".join(f"{_cell(row.get(column.key), column.digits):>14}" for row in rows))
+            print(f"{column.title[:30]:<30}" + "".join(f"{format_number(row.get(column.key), column.digits):>14}" for row in rows))
     return 0
-
-
-def _cell(value, digits: int) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return f"{value:.{digits}f}"
 
 
 def run_layers(args: argparse.Namespace, printer: ProgressPrinter) -> int:

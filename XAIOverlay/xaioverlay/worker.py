@@ -37,6 +37,7 @@ exists. Anything else printed by libraries goes to stderr, never into the event 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from . import __version__
-from .errors import Cancelled, XAIOverlayError
+from .errors import Cancelled, InputError, XAIOverlayError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ class Worker:
         methods, target = list(request["methods"]), request.get("target")
         score, layer = request.get("score", "logit"), request.get("layer") or None
         labels = None
-        if model.task == SEGMENTATION and (request.get("segmentation") or request.get("evaluate")):
+        measured_against_own = request.get("evaluate") and not request.get("reference_mask")
+        if model.task == SEGMENTATION and (request.get("segmentation") or measured_against_own):
             report({"event": "message", "message": "model segmentation", "stage": "segmentation"})
             labels = predicted_segmentation(model, volumes)
         metrics = None
@@ -209,12 +211,12 @@ class Worker:
             explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, labels, request, Progress(report))
         else:
             explanation = explain(model, volumes, methods, target, score=score, layer=layer, progress=Progress(report))
-        segmentation = None
-        if request.get("segmentation") and labels is not None:
-            write_volume(labels, out / SEGMENTATION_FILE)
-            segmentation = str(out / SEGMENTATION_FILE)
         if cancelled.is_set():
             raise Cancelled("cancelled by the user")
+        segmentation = None
+        if request.get("segmentation") and labels is not None:
+            write_volume(labels, out / SEGMENTATION_FILE)  # before explanation.json, which completes the set
+            segmentation = str(out / SEGMENTATION_FILE)
         write_outputs(explanation, out, montage=bool(request.get("montage", False)))
         record = json.loads((out / "explanation.json").read_text())
         for method, measured in zip(record["methods"], metrics or []):
@@ -233,8 +235,12 @@ class Worker:
             reference = read_volume(request["reference_mask"])
         elif labels is not None and (labels.array > 0).any():
             reference = Volume((labels.array > 0).astype(np.uint8), labels.geometry, "model segmentation")
+        given = request.get("metric_options") or {}
+        known = {f.name for f in dataclasses.fields(MetricOptions)}
+        if set(given) - known:
+            raise InputError(f"unknown metric option(s) {', '.join(sorted(set(given) - known))}; known: {', '.join(sorted(known))}")
         evaluation = evaluate(model, volumes, methods, target, score=score, layer=layer, reference_mask=reference,
-                              options=MetricOptions(**request.get("metric_options", {})), progress=progress)
+                              options=MetricOptions(**given), progress=progress)
         rows = evaluation.rows()
         table = [column for column in columns(rows) if column.key not in RECORDED_COSTS]
         return evaluation.explanation, [{c.title: row[c.key] for c in table if c.key in row} for row in rows]

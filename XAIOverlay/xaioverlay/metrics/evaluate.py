@@ -66,6 +66,8 @@ class MetricOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not self.blur_sigma_mm > 0:
+            raise InputError(f"the blur baseline's width must be positive (got {self.blur_sigma_mm} mm); e.g. --blur-sigma-mm 10")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown or not self.baselines:
             raise InputError(f"unknown baseline(s) {', '.join(unknown) or '(none)'}; use one or more of {', '.join(BASELINES)}")
@@ -232,11 +234,6 @@ def mask_on_model_grid(volume: Volume, model_input: ModelInput, what: str) -> to
     return mask
 
 
-def grid_spacing(ijk_to_ras: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size (mm) along each grid axis of an affine."""
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(ijk_to_ras)[:3, :3], axis=0))
-
-
 def method_explainer(method: Method, model_input: ModelInput):
     """(model, target) → the method's (X, Y, Z) map for ``model_input``, as :func:`explain` makes it."""
 
@@ -291,7 +288,7 @@ def evaluate(
     model_input, resolved = explanation.model_input, explanation.resolved_target
     x = model_input.tensor
     device = x.device
-    spacing = grid_spacing(model_input.ijk_to_ras)
+    spacing = model_input.model_geometry.spacing
     sigma = tuple(options.blur_sigma_mm / s for s in spacing)
 
     reference = mask = region = None

@@ -29,7 +29,8 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 BEST_COLOUR = "#b9f0c0"
 
 
-def _number(value, digits: int) -> str:
+def format_number(value, digits: int) -> str:
+    """A table cell: "–" when missing, "n/a" when undefined (NaN), else ``digits`` decimals."""
     if value is None:
         return "–"
     if isinstance(value, str):
@@ -89,7 +90,7 @@ def curves_svg(evaluation: Evaluation, baseline: str) -> str:
                 if curve is None:
                     continue
                 axes.plot(curve.fractions * 100, curve.normalised_scores, color=PALETTE[index % len(PALETTE)],
-                          lw=1.6, label=f"{method.spec} (AUC {_number(curve.normalised_auc, 3)})")
+                          lw=1.6, label=f"{method.spec} (AUC {format_number(curve.normalised_auc, 3)})")
             axes.set_xlabel("voxels " + ("deleted" if kind == "deletion" else "inserted") + " (%, most relevant first)")
             axes.set_ylabel("score (original = 1, baseline = 0)")
             axes.set_title(f"{kind} · {baseline} baseline · {'lower' if kind == 'deletion' else 'higher'} AUC is better", fontsize=10)
@@ -113,7 +114,7 @@ def road_svg(evaluation: Evaluation) -> str | None:
                 curve = (method.road or {}).get(order)
                 if curve is not None:
                     axes.plot(curve.fractions * 100, curve.normalised_scores, marker="o", ms=3, lw=1.6, color=PALETTE[index % len(PALETTE)],
-                              label=f"{method.spec} (mean {_number(curve.mean_normalised, 3)})")
+                              label=f"{method.spec} (mean {format_number(curve.mean_normalised, 3)})")
             axes.set_xlabel("voxels removed and imputed (%)")
             axes.set_ylabel("score (original = 1, blurred = 0)")
             axes.set_title(f"ROAD {order.upper()} · {words}", fontsize=10)
@@ -163,7 +164,7 @@ def _table_html(evaluation: Evaluation) -> str:
     for index, row in enumerate(rows):
         cells = []
         for column in table:
-            text = html.escape(_number(row.get(column.key), column.digits))
+            text = html.escape(format_number(row.get(column.key), column.digits))
             if index in best[column.key]:
                 cells.append(f'<td class="best" title="best in this column">{text} ★</td>')
             else:
@@ -175,7 +176,7 @@ def _table_html(evaluation: Evaluation) -> str:
             if column.key == "method":
                 cells.append("<td><i>chance level</i></td>")
             else:
-                cells.append(f"<td><i>{_number(chance[column.key], column.digits)}</i></td>" if column.key in chance else "<td></td>")
+                cells.append(f"<td><i>{format_number(chance[column.key], column.digits)}</i></td>" if column.key in chance else "<td></td>")
         body.append(f'<tr class="chance-row">{"".join(cells)}</tr>')
     return f'<div class="scroll"><table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
@@ -266,20 +267,21 @@ def render_report(evaluation: Evaluation, montage_png: bytes | None) -> str:
     )
 
 
-def write_evaluation(evaluation: Evaluation, out: str | os.PathLike, *, maps: bool = True) -> dict[str, Path]:
-    """Write the maps (see :func:`write_outputs`), ``metrics.csv``, ``report.html`` and ``metrics.json``."""
+def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> dict[str, Path]:
+    """Write the maps (see :func:`write_outputs`), ``metrics.csv``, ``report.html`` and ``metrics.json``
+    (last: its presence means the set is complete)."""
     out = prepare_output_folder(out)
-    written = write_outputs(evaluation.explanation, out) if maps else {}
+    (out / "metrics.json").unlink(missing_ok=True)  # a previous run's record must not vouch for new maps
+    written = write_outputs(evaluation.explanation, out)
     montage = out / "montage.png"
-    montage_png = montage.read_bytes() if maps and montage.exists() else None
+    montage_png = montage.read_bytes() if montage.exists() else None
     staging = Path(tempfile.mkdtemp(prefix=".xaioverlay-staging-", dir=out))
     try:
         write_csv(evaluation, staging / "metrics.csv")
         (staging / "report.html").write_text(render_report(evaluation, montage_png), encoding="utf-8")
         record = evaluation.record()
-        record["files"] = {"csv": "metrics.csv", "report": "report.html", **({"explanation": "explanation.json"} if maps else {})}
+        record["files"] = {"csv": "metrics.csv", "report": "report.html", "explanation": "explanation.json"}
         write_json(_finite(record), staging / "metrics.json")
-        (out / "metrics.json").unlink(missing_ok=True)  # a previous run's record must not vouch for new files
         moved: list[Path] = []
         try:
             for name in ("metrics.csv", "report.html", "metrics.json"):  # metrics.json last
