@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError, TargetError
+from .errors import InputError, TargetError, XAIOverlayError
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
-from .volumes import read_volume, resample_array
+from .volumes import Volume, read_volume, resample_array
 
 SCORES = ("logit", "probability")
 
@@ -147,6 +147,21 @@ def _extent_text(ijk_to_ras: np.ndarray, shape: tuple[int, int, int]) -> str:
     return ", ".join(f"{axis} {a:.0f}..{b:.0f}" for axis, a, b in zip("RAS", low, high))
 
 
+def mask_on_model_grid(volume: Volume, model_input: ModelInput, what: str, error: type[XAIOverlayError] = TargetError) -> torch.Tensor:
+    """A mask volume (voxels > 0, any grid) → (X, Y, Z) bool on the model grid (nearest neighbour);
+    an empty one, or one outside the model's field of view, raises ``error`` naming ``what``."""
+    resampled = resample_array((np.asarray(volume.array) > 0).astype(np.uint8), volume.geometry.ijk_to_ras(),
+                               model_input.spatial_shape, model_input.ijk_to_ras, interpolation="nearest")
+    mask = torch.as_tensor(resampled > 0)
+    if not mask.any():
+        empty = not (np.asarray(volume.array) > 0).any()
+        raise error(
+            f"{what} is empty; give a mask with voxels > 0" if empty else
+            f"{what} lies outside the model's field of view; give a mask co-registered with the input"
+        )
+    return mask
+
+
 def region_mask(spec: TargetSpec, model: LoadedModel, model_input: ModelInput, logits: torch.Tensor, index: int) -> tuple[torch.Tensor, dict]:
     """The target region on the model grid: (X, Y, Z) bool tensor, plus a description."""
     shape = model_input.spatial_shape
@@ -162,17 +177,7 @@ def region_mask(spec: TargetSpec, model: LoadedModel, model_input: ModelInput, l
         return mask, {"region": "predicted"}
     if spec.region == "mask":
         path = Path(spec.mask_path)
-        volume = read_volume(path)
-        resampled = resample_array(
-            (volume.array > 0).astype(np.uint8), volume.geometry.ijk_to_ras(), shape, affine, interpolation="nearest"
-        )
-        mask = torch.as_tensor(resampled > 0, device=device)
-        if not mask.any():
-            empty = not (volume.array > 0).any()
-            raise TargetError(
-                f"target mask {path} is empty; give a mask with voxels > 0" if empty else
-                f"target mask {path} lies outside the model's field of view; give a mask co-registered with the input"
-            )
+        mask = mask_on_model_grid(read_volume(path), model_input, f"target mask {path}").to(device)
         return mask, {"region": "mask", "mask": str(path)}
     ras = voxel_ras(affine, shape, device)
     if spec.region == "box":

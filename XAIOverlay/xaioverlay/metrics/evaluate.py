@@ -22,8 +22,8 @@ from ..measure import measure
 from ..methods import Method, build_methods
 from ..models.base import CLASSIFICATION, LoadedModel, ModelInput
 from ..progress import NO_PROGRESS, Progress
-from ..targets import Target, TargetSpec
-from ..volumes import Volume, resample_array
+from ..targets import Target, TargetSpec, mask_on_model_grid
+from ..volumes import Volume
 from . import complexity, localisation
 from .agreement import agreement_matrix
 from .faithfulness import BASELINES, Curve, deletion_insertion
@@ -218,22 +218,6 @@ class Evaluation:
         }
 
 
-def mask_on_model_grid(volume: Volume, model_input: ModelInput, what: str) -> torch.Tensor:
-    """A mask volume (voxels > 0, any grid) → (X, Y, Z) bool on the model grid (nearest neighbour)."""
-    resampled = resample_array(
-        (np.asarray(volume.array) > 0).astype(np.uint8), volume.geometry.ijk_to_ras(),
-        model_input.spatial_shape, model_input.ijk_to_ras, interpolation="nearest",
-    )
-    mask = torch.as_tensor(resampled > 0)
-    if not mask.any():
-        empty = not (np.asarray(volume.array) > 0).any()
-        raise InputError(
-            f"{what} {volume.name or ''} is empty; give a mask with voxels > 0" if empty else
-            f"{what} {volume.name or ''} lies outside the model's field of view; give a mask co-registered with the input"
-        )
-    return mask
-
-
 def method_explainer(method: Method, model_input: ModelInput):
     """(model, target) → the method's (X, Y, Z) map for ``model_input``, as :func:`explain` makes it."""
 
@@ -293,7 +277,7 @@ def evaluate(
 
     reference = mask = region = None
     if reference_mask is not None:
-        mask = mask_on_model_grid(reference_mask, model_input, "reference mask")
+        mask = mask_on_model_grid(reference_mask, model_input, f"reference mask {reference_mask.name or ''}".strip(), InputError)
         distance = localisation.distance_to_mask_mm(mask.numpy(), spacing)
         region = torch.as_tensor(distance <= options.tolerance_mm + 1e-4)
         reference = {
@@ -304,7 +288,7 @@ def evaluate(
     body = None
     region_record = None
     if body_mask is not None:
-        body = mask_on_model_grid(body_mask, model_input, "body mask").to(device)
+        body = mask_on_model_grid(body_mask, model_input, f"body mask {body_mask.name or ''}".strip(), InputError).to(device)
         region_record = {"name": body_mask.name, "voxels": int(body.sum())}
 
     measured: list[MethodMetrics] = []
