@@ -74,7 +74,6 @@ ALLOWED_OPERATIONS = (
 #: Allowed only with one operand that carries relevance (scaling by a constant), not a product of two.
 SCALING_OPERATIONS = ("MulBackward", "DivBackward")
 
-STEP_INPUT, STEP_OUTPUT = "input", "output"
 
 
 def layer_kind(module: nn.Module) -> str:

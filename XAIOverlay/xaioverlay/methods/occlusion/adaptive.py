@@ -166,7 +166,7 @@ class AdaptiveOcclusion(Occlusion):
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "AdaptiveOcclusion":
-        budget, options = parse_adaptive(option, None, cls.DEFAULT_SIZE, cls.name)
+        budget, options = parse_adaptive(option, cls.DEFAULT_SIZE, cls.name)
         return cls(budget, options)
 
     @property

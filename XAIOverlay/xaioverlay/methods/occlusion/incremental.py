@@ -255,7 +255,6 @@ class IncrementalRun:
         self.device = x.device
         self.needed = self._needed(needed_output if crop else None)
         self.target_box = (self.needed if crop else self._needed(needed_output)).get(self.out_node)
-        self.kinds = {kind: sum(s.kind == kind for s in self.steps) for kind in (WINDOW, TRANSPOSED, POINTWISE, CAT, GLOBAL)}
 
     # --- boxes -------------------------------------------------------------------------------
     def _shape(self, node: fx.Node) -> tuple[int, int, int]:
@@ -398,7 +397,7 @@ class IncrementalRun:
 
     def _window(self, step: Step, patches: dict, low: torch.Tensor, size) -> torch.Tensor:
         module = self.graph.get_submodule(step.node.target)
-        k, s, p = (torch.as_tensor(v, device=self.device) for v in (step.k, step.s, step.p))
+        s, p = (torch.as_tensor(v, device=self.device) for v in (step.s, step.p))
         in_size = tuple((n - 1) * ss + kk for n, ss, kk in zip(size, step.s, step.k))
         x = self.read(step.sources[0], patches, low * s - p, in_size, step.fill)
         if isinstance(module, nn.Conv3d):

@@ -117,8 +117,8 @@ def parse_occlusion(option: str | None, default_size: Lengths, name: str = "occl
     return parse_fields(split_fields(option), default_size, f"{name}:{option}", usage)
 
 
-def parse_adaptive(option: str | None, default_budget: int, default_size: Lengths, name: str) -> tuple[int, OccluderOptions]:
-    """``[BUDGET][:SIZE[/STRIDE]][:FILL]`` → (budget of forward passes, finest occluder).
+def parse_adaptive(option: str | None, default_size: Lengths, name: str) -> tuple[int | None, OccluderOptions]:
+    """``[BUDGET][:SIZE[/STRIDE]][:FILL]`` → (budget of forward passes or None, finest occluder).
 
     The budget is a bare whole number and comes first; a size after it is the finest occluder.
     """
@@ -126,7 +126,7 @@ def parse_adaptive(option: str | None, default_budget: int, default_size: Length
              "(BUDGET: forward passes; SIZE: the finest occluder)")
     spec = f"{name}:{option}"
     fields = split_fields(option)
-    budget = default_budget
+    budget = None
     if fields and fields[0].isdigit():
         budget = int(fields.pop(0))
         if budget < 1:
