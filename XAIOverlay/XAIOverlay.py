@@ -61,10 +61,6 @@ class Region(enum.Enum):
     ROI = "roi"
     Point = "point"
 
-    def label(self):
-        return {"predicted": _("model's predicted region"), "segment": _("segment"), "roi": _("markups ROI"),
-                "point": _("markups point + radius")}[self.value]
-
 
 class Orientation(enum.Enum):
     Axial = "Axial"
@@ -366,7 +362,12 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
     def explain(self, parameters):
         from XAIOverlayLib.logic import request_from_parameters
 
-        self.reconcileMethods(parameters, self.describe(parameters))
+        info = self.describe(parameters)
+        allowed = {method["name"] for method in info["methods"] if method["allowed"]}
+        refused = [spec for spec in parameters.methods.replace(" ", "").split(",") if spec and spec.split(":")[0] not in allowed]
+        if refused:
+            raise ValueError(_("method(s) {refused} unknown or not available for this model; choose from {allowed}").format(
+                refused=", ".join(refused), allowed=", ".join(sorted(allowed))))
         self.applyDisplay(parameters)
         return self.core.explain(request_from_parameters(parameters))
 
@@ -388,10 +389,7 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
         job = job or core.last_job
         if job is None:
             raise ValueError(_("nothing to compare yet; press Explain first"))
-        table = core.show_compare(job, parameters.orientation.value, outline=parameters.showOutline)
-        maps = core.map_nodes(job)
-        core.select(maps[0], show_3d=parameters.showIn3D)
-        return table
+        return core.show_compare(job, parameters.orientation.value, outline=parameters.showOutline, show_3d=parameters.showIn3D)
 
     def showRow(self, parameters, table, row) -> None:
         from XAIOverlayLib import compare
@@ -412,8 +410,13 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
         from XAIOverlayLib.logic import request_from_parameters
 
         volume, job = self.core.open_case(step, request_from_parameters(parameters))  # the case replaces the input
-        parameters.pinCase = volume.GetID() in self.core.pinned
-        parameters.inputVolume = volume
+        # both at once: each change alone would pin or unpin the wrong case (applyDisplay runs on every change)
+        wasModifying = parameters.parameterNode.StartModify()
+        try:
+            parameters.inputVolume = volume
+            parameters.pinCase = volume.GetID() in self.core.pinned
+        finally:
+            parameters.parameterNode.EndModify(wasModifying)
         return volume, job
 
 

@@ -142,3 +142,15 @@ def test_case_browser_stops_at_both_ends():
     browser = cases.CaseBrowser([cases.Case("a"), cases.Case("b")])
     assert browser.step(-1) is None and browser.current.name == "a"
     assert browser.step(+1).name == "b" and browser.step(+1) is None and browser.peek(+1) is None
+
+
+def test_a_segment_region_target_is_not_prepared_ahead_for_the_next_case(scene, logic, models, case_folder):
+    """The region comes from a node of the current case, so the next case cannot be computed in advance
+    (the request's task is only known from the model, which the check must ask)."""
+    from XAIOverlayLib.logic import ExplainRequest
+    from XAIOverlayLib.target_spec import SEGMENT, TargetChoice
+
+    following = cases.cases_from_folder(case_folder)[1]
+    template = ExplainRequest([None], str(models["segmenter"]), ["gradcam"], TargetChoice(key="tumour", region=SEGMENT))
+    assert logic.prefetch(following, template) is None
+    assert not [job for job in logic.jobs.values() if job.background]

@@ -129,7 +129,7 @@ def _load_dicom(scene, case: Case):
     return node
 
 
-def release_case(scene, volume, *, pinned: bool = False, keep_volume: bool | None = None) -> None:
+def release_case(scene, volume, *, pinned: bool = False) -> None:
     """Remove a case's maps, table and model segmentation, and its volume if the case list loaded it.
 
     Nothing is removed for a pinned case.
@@ -140,9 +140,7 @@ def release_case(scene, volume, *, pinned: bool = False, keep_volume: bool | Non
              *nodes.owned_nodes(scene, nodes.SEGMENTATION, source=volume.GetID()),
              *nodes.owned_nodes(scene, nodes.TABLE, source=volume.GetID())]
     nodes.remove_nodes(scene, owned)
-    if keep_volume is None:
-        keep_volume = nodes.attribute(volume, "role") != nodes.CASE
-    if not keep_volume:
+    if nodes.attribute(volume, "role") == nodes.CASE:  # loaded by the case list, not the user's
         nodes.remove_nodes(scene, [volume])
     nodes.remove_empty_folders(scene)
 

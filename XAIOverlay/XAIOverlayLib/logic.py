@@ -21,7 +21,7 @@ import slicer
 from . import cases as case_list
 from . import colours, compare, nodes
 from .cache import MapCache, cache_key, model_fingerprint, segmentation_key
-from .target_spec import PREDICTED, TargetChoice, build_target, segment_mask_file
+from .target_spec import TargetChoice, build_target, segment_mask_file
 from .worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class OverlayLogic:
         self.volume_rendering_logic = volume_rendering_logic
         self.percentile = 95.0
         self.opacity = 0.6
+        self.orientation = "Axial"
         self.prefetch_next = True
         self.jobs: dict[str, Job] = {}
         self.models: dict[str, dict] = {}  # model fingerprint → the worker's description
@@ -222,23 +223,26 @@ class OverlayLogic:
         Only single-volume requests whose target needs no node of the current case (a class, or a
         channel over the model's predicted region) can be prepared ahead.
         """
-        if len(template.volumes) != 1 or template.reference is not None or (
-                template.target.task == "segmentation" and template.target.region != PREDICTED):
+        if len(template.volumes) != 1 or template.reference is not None:
+            return None
+        if any(job.background for job in self.jobs.values() if not job.finished):
+            return None  # one background run at a time; checked before any hashing
+        info = self.describe(template.model, template.device)
+        target = replace(template.target, task=info["task"])  # the request's own task is not known before
+        if target.needs_region_node:
             return None
         volume = self.scene.GetNodeByID(case.node_id) if case.node_id else None
         if case.from_scene and volume is None:
             return None
         # a file case not loaded yet is known by its file's digest, as its node will be once loaded
         digest = nodes.content_digest([volume]) if volume is not None else nodes.combine_digests([case.file_digest()])
-        info = self.describe(template.model, template.device)
-        target = replace(template.target, task=info["task"])
         fingerprint = model_fingerprint(template.model)
-        target_spec, target_text = build_target(target, None, Path(tempfile.gettempdir()))
+        target_spec, target_text = build_target(target, None, None)  # a class or the predicted region: no file
         _, measured = measurement(template, None, None)
         keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer, measured)
                 for spec in template.methods}
         missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
-        if not missing or any(job.background for job in self.jobs.values() if not job.finished):
+        if not missing:
             return None
         job = Job(list(template.methods), keys, str(template.model), target_text, case=case, background=True,
                   workdir=Path(tempfile.mkdtemp(prefix="xaioverlay-prefetch-")))
@@ -432,7 +436,8 @@ class OverlayLogic:
         self.opacity = float(opacity)
         compare.set_opacity(self.scene, [*self.compare_tags, *compare.MAIN_VIEWS], self.opacity)
 
-    def show_compare(self, job: Job, orientation: str = "Axial", *, outline: bool = True, legends: bool = True):
+    def show_compare(self, job: Job, orientation: str = "Axial", *, outline: bool = True, legends: bool = True,
+                     show_3d: bool = False):
         """Switch to the compare layout and show the job's maps, one linked view each; returns the table node."""
         anatomy = self.scene.GetNodeByID(job.volume_id)
         maps = self.map_nodes(job)
@@ -444,11 +449,12 @@ class OverlayLogic:
         segmentation = self.scene.GetNodeByID(job.segmentation_id) if (outline and job.segmentation_id) else None
         self.compare_tags = compare.show_compare(self.scene, anatomy, maps, orientation=orientation,
                                                  opacity=self.opacity, segmentation=segmentation)
+        self.orientation = orientation
         if legends:
             for tag, node in zip(self.compare_tags, maps):
                 view = compare.slice_node(self.scene, tag)
                 colours.legend(self.scene, node, nodes.attribute(node, "label"), [view.GetID()] if view else None)
-        self.select(maps[0])
+        self.select(maps[0], show_3d=show_3d)
         if self.application_logic is not None:
             self.application_logic.FitSliceToAll(False, False)
         peak = compare.peak_ras(maps[0])
@@ -467,7 +473,10 @@ class OverlayLogic:
                                      nodes.attribute(volume, "signed") == "true", show=show_3d)
 
     def set_orientation(self, orientation: str) -> None:
-        compare.set_orientation(self.scene, self.compare_tags, orientation)
+        """Re-orient the compare views, only on a change (re-orienting resets what the user did in them)."""
+        if orientation != self.orientation:
+            compare.set_orientation(self.scene, self.compare_tags, orientation)
+            self.orientation = orientation
 
     # --- cases -------------------------------------------------------------------------------------
     def set_cases(self, cases: list[case_list.Case]) -> case_list.CaseBrowser:

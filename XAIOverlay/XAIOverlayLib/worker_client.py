@@ -164,9 +164,6 @@ class WorkerClient:
             pass
         self._cancel_deadlines[request_id] = time.monotonic() + self.cancel_grace_s
 
-    def in_flight(self) -> list[str]:
-        return list(self._in_flight)
-
     def poll(self, timeout: float = 0.0) -> list[dict]:
         """Events received since the last call (waiting up to ``timeout`` s for the first one)."""
         events: list[dict] = []
