@@ -268,6 +268,9 @@ def evaluate(
     """
     options = options or MetricOptions()
     built = build_methods(methods, layer=layer) if isinstance(methods, str) or (methods and isinstance(methods[0], str)) else list(methods)
+    for given, what in ((reference_mask, "reference mask"), (body_mask, "body mask")):  # before minutes of explaining
+        if given is not None and not (np.asarray(given.array) > 0).any():
+            raise InputError(f"{what} {given.name or ''} is empty; give a mask with voxels > 0")
     explanation = explain(model, volumes, built, target, score=score, layer=layer, progress=progress)
     model_input, resolved = explanation.model_input, explanation.resolved_target
     x = model_input.tensor
