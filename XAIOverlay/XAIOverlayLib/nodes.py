@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -97,12 +98,43 @@ def voxels(node) -> np.ndarray:
 
 def voxel_digest(node) -> str:
     """SHA-256 of a volume's content: voxel type, size, values and IJK-to-RAS (rounded to 1 µm)."""
-    array = np.ascontiguousarray(voxels(node))
+    return array_digest(voxels(node), ijk_to_ras(node))
+
+
+def array_digest(array: np.ndarray, matrix: np.ndarray) -> str:
+    """:func:`voxel_digest` of voxels ``array`` (X, Y, Z) placed by the 4×4 IJK-to-RAS ``matrix``."""
+    array = np.ascontiguousarray(array)
     digest = hashlib.sha256()
     digest.update(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(np.round(ijk_to_ras(node), 3).tobytes())
+    digest.update(np.round(matrix, 3).tobytes())
     digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot:
+    """A volume's voxels and geometry copied on the main thread (:func:`snapshot`), so that hashing and
+    writing them can run on another thread without touching MRML or VTK."""
+
+    array: np.ndarray  # (X, Y, Z), a copy
+    ijk_to_ras: np.ndarray  # 4×4
+    case_digest: str | None = None  # the digest of the file a case was loaded from
+
+    def digest(self) -> str:
+        """The same text :func:`content_digest` gives the node for this channel."""
+        return self.case_digest or array_digest(self.array, self.ijk_to_ras)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the voxels to NRRD (uncompressed, atomically) on their exact grid."""
+        from xaioverlay.volumes import Geometry, Volume, write_volume
+
+        geometry = Geometry.from_ijk_to_ras(self.ijk_to_ras, self.array.shape)
+        return write_volume(Volume(self.array, geometry), path, compress=False)
+
+
+def snapshot(node) -> VolumeSnapshot:
+    """Copy a volume node's voxels and geometry (fast: one memory copy) for work off the main thread."""
+    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), attribute(node, "caseDigest"))
 
 
 def content_digest(nodes: Iterable) -> str:
