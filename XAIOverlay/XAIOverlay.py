@@ -195,7 +195,7 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies():
                 return
             self.ui.modelInfoLabel.text = _("reading the model…")  # the answer comes through the timer
-            self.logic.describe(self._parameterNode, self.onModelDescribed, lambda message: slicer.util.errorDisplay(message))
+            self.logic.describe(self._parameterNode, self.onModelDescribed, slicer.util.errorDisplay)
             self._timer.start()
 
     def onModelDescribed(self, info) -> None:
@@ -474,6 +474,6 @@ class XAIOverlayTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(background), 1, "the next case should be prepared in the background")
         logic.core.wait(background[0])
         volume, job = logic.step(parameters, +1)
-        self.assertEqual((logic.core.wait(job, 30).state, job.request_id), ("done", None), job.error)  # from the background run
+        self.assertEqual((logic.core.wait(job, 30).state, job.request_id), ("done", None), job.error)
         logic.shutdown()
         self.delayDisplay("Test passed")

@@ -28,7 +28,8 @@ def events_until(client: WorkerClient, done, timeout: float = 120.0) -> list[dic
 
 
 def final(events: list[dict], request_id: str) -> dict | None:
-    return next((e for e in events if e.get("id") == request_id and e["event"] in ("result", "error", "cancelled", "died")), None)
+    ends = ("result", "error", "cancelled", "died")
+    return next((e for e in events if e.get("id") == request_id and e["event"] in ends), None)
 
 
 @pytest.fixture
@@ -83,8 +84,9 @@ def test_a_worker_stuck_in_one_step_is_restarted_and_the_request_still_wanted_co
 
 def test_the_models_own_sliding_window_inference_stops_at_its_next_window(worker, tmp_path):
     # 64³ in 16³ windows at overlap 0.75: 2,197 windows of inference (seconds here) before any progress report
-    model = save_spec_model(tmp_path / "windowed", SMALL_UNET, task="segmentation", class_names=["background", "tumour"],
-                            sliding_window={"roi_size": [16, 16, 16], "overlap": 0.75}, name="windowed")
+    model = save_spec_model(tmp_path / "windowed", SMALL_UNET, task="segmentation",
+                            class_names=["background", "tumour"], name="windowed",
+                            sliding_window={"roi_size": [16, 16, 16], "overlap": 0.75})
     volume = head_with_lesion(Geometry((64, 64, 64), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     path = str(write_volume(volume, tmp_path / "CT_1.nrrd"))
     client, grace = worker, worker.cancel_grace_s

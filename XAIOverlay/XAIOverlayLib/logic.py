@@ -154,6 +154,7 @@ class OverlayLogic:
         self._waiting: dict[str, list[tuple]] = {}  # model fingerprint → (then, failed) callbacks
         self._background = ThreadPoolExecutor(1, thread_name_prefix="xaioverlay-prepare")
         self._tasks: list[tuple] = []  # (future, job, then) of work on the background thread
+        self._cleanups: list = []  # futures of finished jobs' folders being removed
         self._restyle: list | None = None  # maps to restyle at the next process_events (None: none)
         self._levels: dict = {}  # each map's limit and thresholds, computed once (colours.map_levels)
         self.browser: case_list.CaseBrowser | None = None
@@ -217,11 +218,13 @@ class OverlayLogic:
         if not request.methods:
             raise ValueError("no method chosen; choose at least one method to compute")
         anatomy = request.volumes[0]
-        job = Job(list(request.methods), {}, str(request.model), "", volume_id=anatomy.GetID(), status="reading the model")
+        job = Job(list(request.methods), {}, str(request.model), "", volume_id=anatomy.GetID(),
+                  status="reading the model")
         self.jobs[job.id] = job
         self.last_request = request
         self.last_job = job
-        self.describe(request.model, request.device, then=lambda info: self._step(job, self._prepare, job, request, info),
+        self.describe(request.model, request.device,
+                      then=lambda info: self._step(job, self._prepare, job, request, info),
                       failed=lambda message: self._step(job, self._fail, job, message))
         return job
 
@@ -275,8 +278,10 @@ class OverlayLogic:
             self._finish(job, "done", "all maps from the cache")
             return
         job.status = "writing the inputs"
-        self._in_background(job, lambda: [str(s.write(job.workdir / f"input_{i}.nrrd")) for i, s in enumerate(snapshots)],
-                            lambda inputs: self._send(job, inputs, missing, target_spec, request))
+        def write() -> list[str]:  # background thread: files only
+            return [str(s.write(job.workdir / f"input_{n}.nrrd")) for n, s in enumerate(snapshots)]
+
+        self._in_background(job, write, lambda inputs: self._send(job, inputs, missing, target_spec, request))
 
     def _send(self, job: Job, inputs: list[str], methods: list[str], target_spec: str | None, request: ExplainRequest) -> None:
         job.sent = list(methods)
@@ -325,7 +330,8 @@ class OverlayLogic:
                     for spec in template.methods}
             missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
             segmentation = segmentation_key(digest, fingerprint) if info["task"] == "segmentation" else None
-            inputs = [str(source.write(job.workdir / "input_0.nrrd")) if source is not None and missing else str(case.path)]
+            written = source is not None and missing
+            inputs = [str(source.write(job.workdir / "input_0.nrrd")) if written else str(case.path)]
             return keys, missing, inputs, segmentation
 
         def send(prepared) -> None:
@@ -344,7 +350,8 @@ class OverlayLogic:
             if (running.background and running.state == "running" and running is not job
                     and all(running.keys.get(s) == k for s, k in job.keys.items())):
                 shutil.rmtree(job.workdir, ignore_errors=True)
-                for name in ("request_id", "sent", "workdir", "segmentation_key", "state", "status", "stage", "progress"):
+                for name in ("request_id", "sent", "workdir", "segmentation_key", "state", "status", "stage",
+                             "progress"):
                     setattr(job, name, getattr(running, name))
                 running.workdir = None
                 self.jobs.pop(running.id, None)
@@ -389,8 +396,6 @@ class OverlayLogic:
                 self._step(job, self._fail, job, str(future.exception()))
             else:
                 self._step(job, then, future.result())
-            if job.finished and job.workdir is not None:  # cancelled while the thread wrote into it
-                shutil.rmtree(job.workdir, ignore_errors=True)
             note(job)
         for event in self.client.poll(timeout if not self._tasks else min(timeout, 0.05)):
             if event.get("id") in self._describing:
@@ -399,6 +404,7 @@ class OverlayLogic:
             note(self._handle(event))
         if self._restyle is not None:
             self._apply_percentile()
+        self._cleanups = [cleanup for cleanup in self._cleanups if not cleanup.done()]
         return changed
 
     def wait(self, job: Job, timeout: float = 600.0) -> Job:
@@ -408,6 +414,9 @@ class OverlayLogic:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"explanation not finished within {timeout:.0f} s ({job.status})")
             self.process_events(0.1)
+        for cleanup in self._cleanups:  # its folder is gone too when this returns
+            cleanup.result()
+        self._cleanups.clear()
         return job
 
     def _in_background(self, job: Job, work: Callable, then: Callable) -> None:
@@ -416,9 +425,9 @@ class OverlayLogic:
         self._tasks.append((self._background.submit(work), job, then))
 
     def _step(self, job: Job, step: Callable, *args) -> None:
-        """One main-thread step of a job being prepared (skipped once it was cancelled); an error fails
-        the job with its one-line message."""
-        if job.state != "preparing":
+        """One main-thread step of a job (skipped once it has finished, e.g. was cancelled while being
+        prepared); an error fails the job with its one-line message."""
+        if job.finished:
             return
         try:
             step(*args)
@@ -443,13 +452,10 @@ class OverlayLogic:
             job.progress = (int(event.get("done", 0)), int(event.get("total", 0)), event.get("unit", ""))
             done, total, unit = job.progress
             job.status = f"{job.stage or event.get('method', '')} · {done}/{total} {unit}"
-        elif kind == "result":
-            try:
-                self._accept_result(job, event)
-            except Exception as error:  # noqa: BLE001 - shown to the user, never swallowed
-                log.exception("could not load the results")
-                return self._finish(job, "failed", f"could not load the results: {error}")
-            return self._finish(job, "done", f"done in {time.monotonic() - job.started:.1f} s")
+        elif kind == "result":  # stored in the cache on the background thread, then shown
+            job.status = "loading the maps"
+            self._in_background(job, lambda: self._store_result(job, event),
+                                lambda stored: self._show_result(job, *stored))
         elif kind == "cancelled":
             return self._finish(job, "cancelled", "cancelled")
         elif kind in ("error", "died"):
@@ -462,33 +468,46 @@ class OverlayLogic:
         if state == "failed":
             job.error = status
         self.jobs.pop(job.id, None)
-        if job.workdir is not None:
-            shutil.rmtree(job.workdir, ignore_errors=True)
+        if job.workdir is not None:  # removed on the background thread, after what it may still write there
+            self._cleanups.append(self._background.submit(shutil.rmtree, job.workdir, True))
         if state == "done" and not job.background:
             self._prefetch_after(job)
         return job
 
-    def _accept_result(self, job: Job, event: dict) -> None:
-        record = event["explanation"]
-        out = Path(event["out"])
-        run = {key: record.get(key) for key in ("model", "target", "output", "created", "xaioverlay_version")}
-        stored = {}
-        for spec, method in zip(job.sent, record["methods"]):
-            stored[spec] = self.cache.put(job.keys[spec], out / method["file"], {**method, **run, "request_spec": spec})
-        segmentation = None
-        if event.get("segmentation") and job.segmentation_key:
-            segmentation = self.cache.put(job.segmentation_key, event["segmentation"], {"model": record.get("model")})
-        if job.background:
-            return
-        anatomy = self.scene.GetNodeByID(job.volume_id) if job.volume_id else None
-        if anatomy is None:  # the case was closed meanwhile: the maps stay in the cache only
-            return
-        for spec in job.methods:
-            cached = stored.get(spec) or self.cache.get(job.keys[spec])
-            if cached is not None:
-                job.maps[spec] = self._map_node(anatomy, spec, cached, job.model, job.target_text).GetID()
-        if segmentation is not None:
-            job.segmentation_id = self._segmentation_node(anatomy, segmentation, job.model).GetID()
+    def _store_result(self, job: Job, event: dict) -> tuple:
+        """Background thread: the worker's maps (and segmentation) into the cache; files only."""
+        try:
+            record = event["explanation"]
+            out = Path(event["out"])
+            run = {key: record.get(key) for key in ("model", "target", "output", "created", "xaioverlay_version")}
+            stored = {}
+            for spec, method in zip(job.sent, record["methods"]):
+                record_of_map = {**method, **run, "request_spec": spec}
+                stored[spec] = self.cache.put(job.keys[spec], out / method["file"], record_of_map)
+            segmentation = None
+            if event.get("segmentation") and job.segmentation_key:
+                model = {"model": record.get("model")}
+                segmentation = self.cache.put(job.segmentation_key, event["segmentation"], model)
+        except Exception as error:
+            log.exception("could not store the results")
+            raise OSError(f"could not load the results: {error}") from error
+        return stored, segmentation
+
+    def _show_result(self, job: Job, stored: dict, segmentation) -> None:
+        """Main thread: the stored maps into the scene (unless the job ran in the background)."""
+        anatomy = self.scene.GetNodeByID(job.volume_id) if job.volume_id and not job.background else None
+        try:
+            if anatomy is not None:  # None: the case was closed meanwhile, the maps stay in the cache only
+                for spec in job.methods:
+                    cached = stored.get(spec) or self.cache.get(job.keys[spec])
+                    if cached is not None:
+                        job.maps[spec] = self._map_node(anatomy, spec, cached, job.model, job.target_text).GetID()
+                if segmentation is not None:
+                    job.segmentation_id = self._segmentation_node(anatomy, segmentation, job.model).GetID()
+        except Exception as error:
+            log.exception("could not load the results")
+            raise OSError(f"could not load the results: {error}") from error
+        self._finish(job, "done", f"done in {time.monotonic() - job.started:.1f} s")
 
     def _prefetch_after(self, job: Job) -> None:
         if not self.prefetch_next or self.browser is None or self.last_request is None:
@@ -572,7 +591,8 @@ class OverlayLogic:
         maps, self._restyle = self._restyle, None
         for node in maps or nodes.owned_nodes(self.scene, nodes.MAP):
             if self.scene.GetNodeByID(node.GetID()) is node:
-                colours.style_map(self.scene, node, nodes.attribute(node, "signed") == "true", self.percentile, self._levels)
+                signed = nodes.attribute(node, "signed") == "true"
+                colours.style_map(self.scene, node, signed, self.percentile, self._levels)
 
     def set_opacity(self, opacity: float) -> None:
         self.opacity = float(opacity)
@@ -658,7 +678,7 @@ class OverlayLogic:
     def shutdown(self) -> None:
         for job in list(self.jobs.values()):
             self.cancel(job)
-        self._background.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False)  # what is queued still runs: the job folders are removed
         self.client.shutdown()
 
 
