@@ -106,6 +106,22 @@ def load_volume(scene, path: Path, name: str):
     return node
 
 
+def segmentation_of(scene, volume: Volume, mask: np.ndarray, folder: Path):
+    """A segmentation node holding ``mask`` (on ``volume``'s grid) as one segment."""
+    import slicer
+
+    from XAIOverlayLib import nodes
+    from xaioverlay.volumes import write_volume
+
+    labelmap = nodes.add_volume_from_file(scene, write_volume(Volume(mask.astype(np.uint8), volume.geometry), folder / "seg.nrrd"),
+                                          "lesion", labelmap=True)
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(segmentation)
+    segmentation.CreateDefaultDisplayNodes()
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    return segmentation
+
+
 def classifier_request(volume_node, model: Path, methods=("gradcam", "hirescam"), key: str = "tumour"):
     from XAIOverlayLib.logic import ExplainRequest
     from XAIOverlayLib.target_spec import TargetChoice

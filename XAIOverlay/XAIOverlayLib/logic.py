@@ -388,6 +388,7 @@ class OverlayLogic:
         existing = nodes.owned_nodes(self.scene, nodes.MAP, identity=identity)
         node = existing[0] if existing else None
         if node is not None and nodes.attribute(node, "key") == cached.key:
+            node.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return node
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
@@ -409,9 +410,11 @@ class OverlayLogic:
         return node
 
     def _segmentation_node(self, anatomy, cached, model: str):
-        """The model's predicted segmentation as a segmentation node (drawn as an outline)."""
+        """The model's predicted segmentation as a segmentation node (drawn as an outline), under the
+        volume's parent transform like the maps: it is computed in the volume's own frame."""
         found = nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
         if found:
+            found[0].SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return found[0]
         nodes.remove_nodes(self.scene, nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID()))
         labelmap = nodes.add_volume_from_file(self.scene, cached.path, "model segmentation", labelmap=True)
@@ -421,6 +424,7 @@ class OverlayLogic:
         segmentation.CreateDefaultDisplayNodes()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
         nodes.remove_nodes(self.scene, [labelmap])
+        segmentation.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())  # after the import: no resampling
         for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
             segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
         nodes.set_attributes(segmentation, role=nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)

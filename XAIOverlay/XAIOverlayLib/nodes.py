@@ -74,11 +74,32 @@ def remove_nodes(scene, nodes: Iterable) -> None:
 
 
 # --- geometry and voxels -------------------------------------------------------------------------
+def matrix_array(matrix) -> np.ndarray:
+    """A vtkMatrix4x4 as a 4×4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def ijk_to_ras(node) -> np.ndarray:
     """4×4 voxel → RAS mm matrix of a volume node (before any parent transform)."""
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return matrix_array(matrix)
+
+
+def to_world(node) -> np.ndarray:
+    """4×4 matrix from the node's own RAS frame to world RAS through its parent transforms (identity
+    without one). A volume's voxels are in its own frame: that is the frame written for the worker.
+
+    Raises ValueError (one line, naming the fix) when a transform in the chain is not linear.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise ValueError(f"{node.GetName()!r} is under a non-linear transform; harden it first "
+                             "(Data module → right-click → Harden transform)")
+        transform.GetMatrixTransformToWorld(matrix)
+    return matrix_array(matrix)
 
 
 def voxels(node) -> np.ndarray:
