@@ -67,7 +67,8 @@ def test_volume_digest_follows_every_voxel_and_the_geometry():
     spacing[2, 2] = 2.5
     origin[0, 3] += 0.01
     direction[:2, :2] = [[0.0, -0.9], [0.9, 0.0]]
-    for other in ((edited, affine), (array, spacing), (array, origin), (array, direction), (array.astype(np.float32), affine)):
+    for other in ((edited, affine), (array, spacing), (array, origin), (array, direction),
+                  (array.astype(np.float32), affine)):
         assert volume_digest(*other) != base
 
 
@@ -106,22 +107,10 @@ def _edit_one_voxel(node) -> None:
     node.GetImageData().Modified()
 
 
-def _translation(scene, shift):
-    import slicer
-    import vtk
-
-    transform = slicer.vtkMRMLLinearTransformNode()
-    scene.AddNode(transform)
-    matrix = vtk.vtkMatrix4x4()
-    for axis, value in enumerate(shift):
-        matrix.SetElement(axis, 3, value)
-    transform.SetMatrixTransformToParent(matrix)
-    return transform
-
-
 def test_a_case_edited_or_hardened_is_known_by_its_voxels_not_its_file(scene, lesion_case):
     import slicer
 
+    from slicer_support import linear_transform
     from XAIOverlayLib import cases, nodes
 
     _, path = lesion_case
@@ -129,7 +118,9 @@ def test_a_case_edited_or_hardened_is_known_by_its_voxels_not_its_file(scene, le
     node = cases.load_case(scene, case)
     as_loaded = nodes.content_digest([node])
     assert as_loaded == nodes.combine_digests([case.file_digest()])  # the background run's key finds it
-    node.SetAndObserveTransformNodeID(_translation(scene, (50.0, 0.0, 0.0)).GetID())
+    shift = np.eye(4)
+    shift[0, 3] = 50.0
+    node.SetAndObserveTransformNodeID(linear_transform(scene, shift).GetID())
     assert nodes.content_digest([node]) == as_loaded  # placed under a transform: same voxels, same frame
     slicer.vtkSlicerTransformLogic.hardenTransform(node)
     hardened = nodes.content_digest([node])
@@ -144,7 +135,10 @@ def test_an_edited_volume_is_explained_again_and_an_unchanged_one_is_not(scene, 
     from XAIOverlayLib import cases, nodes
 
     _, path = lesion_case
-    node = cases.load_case(scene, cases.Case("CT_1", path=path)) if loaded_by == "case list" else load_volume(scene, path, "CT_1")
+    if loaded_by == "case list":
+        node = cases.load_case(scene, cases.Case("CT_1", path=path))
+    else:
+        node = load_volume(scene, path, "CT_1")
     first = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))
     assert first.state == "done", first.error
     again = logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"]))

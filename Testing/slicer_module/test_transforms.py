@@ -15,7 +15,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from slicer_support import grid_centre, head_with_lesion, lesion_centre, lesion_mask, load_volume, segmentation_of
+from slicer_support import (grid_centre, head_with_lesion, lesion_centre, lesion_mask, linear_transform, load_volume,
+                            segmentation_of)
 from xaioverlay.targets import parse_target
 from xaioverlay.volumes import read_volume, write_volume
 from XAIOverlayLib import compare, nodes
@@ -23,17 +24,6 @@ from XAIOverlayLib.logic import ExplainRequest, measurement
 from XAIOverlayLib.target_spec import POINT, ROI, SEGMENT, TargetChoice, build_target
 
 HARDEN = "is under a non-linear transform; harden it first"
-
-
-def linear_transform(scene, matrix: np.ndarray):
-    node = slicer.vtkMRMLLinearTransformNode()
-    scene.AddNode(node)
-    vtk_matrix = vtk.vtkMatrix4x4()
-    for row in range(4):
-        for column in range(4):
-            vtk_matrix.SetElement(row, column, float(matrix[row, column]))
-    node.SetMatrixTransformToParent(vtk_matrix)
-    return node
 
 
 def moved(kind: str, centre: np.ndarray) -> np.ndarray:
@@ -51,6 +41,11 @@ def moved(kind: str, centre: np.ndarray) -> np.ndarray:
 def apply(matrix: np.ndarray, points) -> np.ndarray:
     points = np.atleast_2d(points)
     return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def region(kind: str, **nodes_and_radius) -> TargetChoice:
+    """Channel ``tumour`` of a segmenter over a region of ``kind`` (ROI, POINT, SEGMENT)."""
+    return TargetChoice("segmentation", "tumour", kind, **nodes_and_radius)
 
 
 def grid_transform(scene):
@@ -111,7 +106,7 @@ def test_point_target_is_the_same_anatomy_under_transforms(scene, head, tmp_path
     plain = slicer.vtkMRMLMarkupsFiducialNode()
     scene.AddNode(plain)
     plain.AddControlPoint(*[float(v) for v in lesion_centre(volume.geometry)])
-    expected, _ = build_target(TargetChoice("segmentation", "tumour", POINT, point=plain, radius_mm=6.0), anatomy, tmp_path)
+    expected, _ = build_target(region(POINT, point=plain, radius_mm=6.0), anatomy, tmp_path)
 
     matrix = moved(kind, grid_centre(volume.geometry))
     transform = linear_transform(scene, matrix)
@@ -125,7 +120,7 @@ def test_point_target_is_the_same_anatomy_under_transforms(scene, head, tmp_path
         point.SetAndObserveTransformNodeID(transform.GetID())
         seen = apply(np.linalg.inv(matrix), seen)[0]  # the markup's own coordinates of that place
     point.AddControlPoint(*[float(v) for v in seen])
-    spec, _ = build_target(TargetChoice("segmentation", "tumour", POINT, point=point, radius_mm=6.0), anatomy, tmp_path)
+    spec, _ = build_target(region(POINT, point=point, radius_mm=6.0), anatomy, tmp_path)
     assert parse_target(spec).numbers == pytest.approx(parse_target(expected).numbers, abs=2e-3)
     assert np.array_equal(selected_voxels(spec, volume), selected_voxels(expected, volume))
 
@@ -134,13 +129,12 @@ def test_point_target_is_the_same_anatomy_under_transforms(scene, head, tmp_path
 def test_roi_moved_with_the_volume_selects_the_same_voxels(scene, head, tmp_path, kind):
     """Volume and ROI under one registration transform: the same box in the volume's frame."""
     volume, anatomy = head
-    plain_spec, plain_text = build_target(TargetChoice("segmentation", "tumour", ROI, roi=lesion_roi(scene, lesion_centre(volume.geometry))),
-                                          anatomy, tmp_path)
+    plain_spec, _ = build_target(region(ROI, roi=lesion_roi(scene, lesion_centre(volume.geometry))), anatomy, tmp_path)
     transform = linear_transform(scene, moved(kind, grid_centre(volume.geometry)))
     roi = lesion_roi(scene, lesion_centre(volume.geometry))
     for node in (anatomy, roi):
         node.SetAndObserveTransformNodeID(transform.GetID())
-    spec, text = build_target(TargetChoice("segmentation", "tumour", ROI, roi=roi), anatomy, tmp_path)
+    spec, _ = build_target(region(ROI, roi=roi), anatomy, tmp_path)
     assert parse_target(spec).region == "box"
     assert parse_target(spec).numbers == pytest.approx(parse_target(plain_spec).numbers, abs=2e-3)
     assert np.array_equal(selected_voxels(spec, volume), selected_voxels(plain_spec, volume))
@@ -149,11 +143,10 @@ def test_roi_moved_with_the_volume_selects_the_same_voxels(scene, head, tmp_path
 def test_translated_volume_reads_a_world_roi_in_its_own_frame(scene, head, tmp_path):
     """Volume +50 mm along R; the ROI drawn around the lesion where it is shown: the same box as without."""
     volume, anatomy = head
-    plain_spec, _ = build_target(TargetChoice("segmentation", "tumour", ROI, roi=lesion_roi(scene, lesion_centre(volume.geometry))),
-                                 anatomy, tmp_path)
+    plain_spec, _ = build_target(region(ROI, roi=lesion_roi(scene, lesion_centre(volume.geometry))), anatomy, tmp_path)
     anatomy.SetAndObserveTransformNodeID(linear_transform(scene, moved("translation", None)).GetID())
     roi = lesion_roi(scene, lesion_centre(volume.geometry) + (50.0, 0.0, 0.0))
-    spec, _ = build_target(TargetChoice("segmentation", "tumour", ROI, roi=roi), anatomy, tmp_path)
+    spec, _ = build_target(region(ROI, roi=roi), anatomy, tmp_path)
     assert parse_target(spec).numbers == pytest.approx(parse_target(plain_spec).numbers, abs=2e-3)
 
 
@@ -166,7 +159,7 @@ def test_rotated_roi_selects_exactly_the_voxels_inside_it(scene, head, tmp_path,
     centre, size = lesion_centre(volume.geometry), np.array([16.0, 6.0, 8.0])
     roi = lesion_roi(scene, centre, tuple(size))
     (roi if under == "markup" else anatomy).SetAndObserveTransformNodeID(transform.GetID())
-    spec, text = build_target(TargetChoice("segmentation", "tumour", ROI, roi=roi), anatomy, tmp_path)
+    spec, text = build_target(region(ROI, roi=roi), anatomy, tmp_path)
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in volume.geometry.size], indexing="ij"), -1).reshape(-1, 3)
     ras = volume.geometry.ijk_to_ras_points(ijk)
     roi_to_volume = matrix if under == "markup" else np.linalg.inv(matrix)
@@ -184,7 +177,7 @@ def test_segment_and_reference_under_the_volumes_transform_keep_their_voxels(sce
     transform = linear_transform(scene, moved(kind, grid_centre(volume.geometry)))
     for node in (anatomy, segmentation):
         node.SetAndObserveTransformNodeID(transform.GetID())
-    spec, _ = build_target(TargetChoice("segmentation", "tumour", SEGMENT, segmentation=segmentation), anatomy, tmp_path)
+    spec, _ = build_target(region(SEGMENT, segmentation=segmentation), anatomy, tmp_path)
     assert np.array_equal(selected_voxels(spec, volume), lesion_mask(volume))
     request = ExplainRequest([anatomy], "model", ["gradcam"], evaluate=True, reference=segmentation)
     reference, _ = measurement(request, anatomy, tmp_path)
@@ -198,7 +191,7 @@ def test_segment_under_its_own_transform_is_read_where_it_is_shown(scene, head, 
     shift = np.eye(4)
     shift[:3, 3] = volume.geometry.ijk_to_ras()[:3, 0] * 3
     segmentation.SetAndObserveTransformNodeID(linear_transform(scene, shift).GetID())
-    spec, _ = build_target(TargetChoice("segmentation", "tumour", SEGMENT, segmentation=segmentation), anatomy, tmp_path)
+    spec, _ = build_target(region(SEGMENT, segmentation=segmentation), anatomy, tmp_path)
     assert np.array_equal(selected_voxels(spec, volume), np.roll(lesion_mask(volume), 3, axis=0))
 
 
@@ -207,7 +200,7 @@ def test_a_segment_outside_the_volume_is_refused_before_any_work(scene, head, tm
     segmentation = segmentation_of(scene, volume, lesion_mask(volume), tmp_path)
     anatomy.SetAndObserveTransformNodeID(linear_transform(scene, moved("translation", None)).GetID())
     with pytest.raises(ValueError, match="lie outside volume 'CT_1'"):
-        build_target(TargetChoice("segmentation", "tumour", SEGMENT, segmentation=segmentation), anatomy, tmp_path)
+        build_target(region(SEGMENT, segmentation=segmentation), anatomy, tmp_path)
 
 
 @pytest.mark.parametrize("where", ["volume", "roi", "point", "segmentation", "reference"])
@@ -218,17 +211,19 @@ def test_a_non_linear_transform_is_refused_with_the_fix(scene, head, tmp_path, w
     scene.AddNode(point)
     point.AddControlPoint(*[float(v) for v in lesion_centre(volume.geometry)])
     segmentation = segmentation_of(scene, volume, lesion_mask(volume), tmp_path)
-    regions = {"roi": TargetChoice("segmentation", "tumour", ROI, roi=roi),
-               "point": TargetChoice("segmentation", "tumour", POINT, point=point),
-               "segmentation": TargetChoice("segmentation", "tumour", SEGMENT, segmentation=segmentation)}
-    bent = {"volume": anatomy, "roi": roi, "point": point, "segmentation": segmentation, "reference": segmentation}[where]
+    regions = {"roi": region(ROI, roi=roi),
+               "point": region(POINT, point=point),
+               "segmentation": region(SEGMENT, segmentation=segmentation)}
+    bent = {"volume": anatomy, "roi": roi, "point": point, "segmentation": segmentation,
+            "reference": segmentation}[where]
     bent.SetAndObserveTransformNodeID(grid_transform(scene).GetID())
     message = "^" + re.escape(f"{bent.GetName()!r} {HARDEN} (Data module → right-click → Harden transform)") + "$"
     if where == "reference":
         with pytest.raises(ValueError, match=message):
-            measurement(ExplainRequest([anatomy], "model", ["gradcam"], evaluate=True, reference=segmentation), anatomy, tmp_path)
-    for region, choice in regions.items():
-        if where in ("volume", region):
+            request = ExplainRequest([anatomy], "model", ["gradcam"], evaluate=True, reference=segmentation)
+            measurement(request, anatomy, tmp_path)
+    for name, choice in regions.items():
+        if where in ("volume", name):
             with pytest.raises(ValueError, match=message):
                 build_target(choice, anatomy, tmp_path)
 
@@ -244,13 +239,15 @@ def test_maps_and_model_segmentation_come_back_under_the_volumes_transform(scene
     job = logic.wait(logic.explain(ExplainRequest([anatomy], str(models["segmenter"]), ["gradcam"], choice)))
     assert job.state == "done", job.error
     target = nodes.attribute(logic.map_nodes(job)[0], "target", parse=True)
-    assert abs(target["voxels"] - lesion_mask(volume).sum()) <= 0.02 * lesion_mask(volume).sum()  # the lesion, not elsewhere
+    lesion = lesion_mask(volume).sum()
+    assert abs(target["voxels"] - lesion) <= 0.02 * lesion  # the lesion, not a place beside it
     model_segmentation = scene.GetNodeByID(job.segmentation_id)
     for output in (*logic.map_nodes(job), model_segmentation):
         assert output.GetTransformNodeID() == transform.GetID(), output.GetName()
     np.testing.assert_allclose(nodes.ijk_to_ras(logic.map_nodes(job)[0]), volume.geometry.ijk_to_ras(), atol=1e-4)
     # the model's segmentation, read back on the volume's grid, holds the voxels the worker wrote
-    path, _ = build_target(TargetChoice("segmentation", "1", SEGMENT, segmentation=model_segmentation), anatomy, tmp_path)
+    path, _ = build_target(TargetChoice("segmentation", "1", SEGMENT, segmentation=model_segmentation), anatomy,
+                           tmp_path)
     written = read_volume(logic.cache.get(job.segmentation_key).path).array
     assert np.array_equal(selected_voxels(path, volume), written == 1)
 
@@ -260,9 +257,20 @@ def test_views_jump_to_the_map_peak_where_it_is_shown(scene, head, logic, models
     volume, anatomy = head
     matrix = moved("rotation", grid_centre(volume.geometry))
     anatomy.SetAndObserveTransformNodeID(linear_transform(scene, matrix).GetID())
-    job = logic.wait(logic.explain(ExplainRequest([anatomy], str(models["classifier"]), ["gradcam"], TargetChoice(key="tumour"))))
+    request = ExplainRequest([anatomy], str(models["classifier"]), ["gradcam"], TargetChoice(key="tumour"))
+    job = logic.wait(logic.explain(request))
     assert job.state == "done", job.error
     heat = logic.map_nodes(job)[0]
     values = nodes.voxels(heat)
     local = volume.geometry.ijk_to_ras_points([np.unravel_index(int(np.argmax(np.abs(values))), values.shape)])
     np.testing.assert_allclose(compare.peak_ras(heat), apply(matrix, local)[0], atol=1e-4)
+
+
+def test_box_mask_clips_to_the_grid():
+    """A box larger than the grid holds all of it, one beside it none (the visited extent is clipped)."""
+    from XAIOverlayLib.target_spec import box_mask
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    turn = moved("rotation", np.zeros(3))
+    assert box_mask(affine, (5, 6, 7), turn, np.full(3, -100.0), np.full(3, 100.0)).all()
+    assert not box_mask(affine, (5, 6, 7), turn, np.full(3, 200.0), np.full(3, 300.0)).any()

@@ -83,7 +83,8 @@ def cache_key(volume: str, model: str, method: str, target: str, score: str = "l
     return _key(volume, model, method, target, score, layer or "", *([measured] if measured else []), *run)
 
 
-def segmentation_key(volume: str, model: str, *, device: str = "cpu", amp: bool = False, version: str | None = None) -> str:
+def segmentation_key(volume: str, model: str, *, device: str = "cpu", amp: bool = False,
+                     version: str | None = None) -> str:
     """The key of the model's own segmentation of an input (same parts as :func:`cache_key`)."""
     return _key(volume, model, "segmentation", device, bool(amp), version or engine_version())
 

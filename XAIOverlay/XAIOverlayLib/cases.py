@@ -3,8 +3,8 @@
 A folder case is a volume file (NIfTI, NRRD, MetaImage) or a sub-folder holding a DICOM series.
 Loading a case reads it with Slicer's volume storage node (DICOM series with SimpleITK, through the
 engine's reader) and tags the node with the file's digest, so maps computed for the file in the
-background are found in the cache once it is loaded (as long as the node is not edited or hardened). A case list owns only the nodes it loaded:
-releasing a case never removes a volume the user loaded.
+background are found in the cache once it is loaded (while the node is not edited or hardened). A
+case list owns only the nodes it loaded: releasing a case never removes a volume the user loaded.
 """
 
 from __future__ import annotations

@@ -97,16 +97,27 @@ def along_axes(linear: np.ndarray) -> bool:
     return bool((significant.sum(0) == 1).all() and (significant.sum(1) == 1).all())
 
 
+def box_corners(low, high) -> np.ndarray:
+    """(8, 4): the corners of the box ``low`` ≤ x ≤ ``high`` in homogeneous coordinates."""
+    return np.array([[x, y, z, 1.0] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+
+
 def box_mask(ijk_to_ras: np.ndarray, shape: tuple[int, int, int], ras_to_box: np.ndarray, low, high) -> np.ndarray:
     """(I, J, K) bool: the voxels of a grid whose centres, taken into a box's own frame by ``ras_to_box``
-    (4×4), lie within ``low`` ≤ x ≤ ``high`` (3 numbers each)."""
-    affine = ras_to_box @ ijk_to_ras
-    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    plane = i[..., None] * affine[:3, 0] + j[..., None] * affine[:3, 1]  # (I, J, 3)
+    (4×4), lie within ``low`` ≤ x ≤ ``high`` (3 numbers each). Only the box's extent on the grid is visited."""
+    ijk_to_box = ras_to_box @ ijk_to_ras
+    extent = (np.linalg.inv(ijk_to_box) @ box_corners(low, high).T)[:3]
+    start = np.clip(np.floor(extent.min(1)).astype(int), 0, shape)
+    stop = np.clip(np.ceil(extent.max(1)).astype(int) + 1, 0, shape)
+    i, j = np.arange(start[0], stop[0]), np.arange(start[1], stop[1])
+    planes = [np.add.outer(i * ijk_to_box[axis, 0], j * ijk_to_box[axis, 1]) for axis in range(3)]  # 3 × (I', J')
     mask = np.zeros(shape, bool)
-    for k in range(shape[2]):  # one slice at a time: a CT's points at once would take gigabytes
-        points = plane + (k * affine[:3, 2] + affine[:3, 3])
-        mask[:, :, k] = ((points >= low) & (points <= high)).all(-1)
+    for k in range(start[2], stop[2]):  # a slice at a time: a CT's points at once would take gigabytes
+        inside = np.ones(planes[0].shape, bool)
+        for axis, plane in enumerate(planes):
+            offset = k * ijk_to_box[axis, 2] + ijk_to_box[axis, 3]
+            inside &= (plane >= low[axis] - offset) & (plane <= high[axis] - offset)
+        mask[start[0]:stop[0], start[1]:stop[1], k] = inside
     return mask
 
 
@@ -120,8 +131,7 @@ def roi_region(roi, reference, path: Path) -> tuple[str, str]:
     roi.GetObjectBounds(bounds)
     low, high = np.array(bounds[0::2]), np.array(bounds[1::2])
     if along_axes(object_to_volume[:3, :3]):
-        corners = np.array([[x, y, z, 1.0] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
-        inside = (object_to_volume @ corners.T).T[:, :3]
+        inside = (object_to_volume @ box_corners(low, high).T).T[:, :3]
         text = "box:" + _numbers(inside.min(0)) + "," + _numbers(inside.max(0))
         return text, text
     if reference is None:
@@ -129,7 +139,8 @@ def roi_region(roi, reference, path: Path) -> tuple[str, str]:
     ijk_to_ras = nodes.ijk_to_ras(reference)
     mask = box_mask(ijk_to_ras, nodes.voxels(reference).shape, np.linalg.inv(object_to_volume), low, high)
     if not mask.any():
-        raise ValueError(f"ROI {roi.GetName()!r} holds no voxel centre of {reference.GetName()!r}; place it on the volume")
+        raise ValueError(f"ROI {roi.GetName()!r} holds no voxel centre of {reference.GetName()!r}; "
+                         "place it on the volume")
     from xaioverlay.volumes import Geometry, Volume, write_volume
 
     write_volume(Volume(mask.astype(np.uint8), Geometry.from_ijk_to_ras(ijk_to_ras, mask.shape)), path)
