@@ -43,6 +43,7 @@ class ExplainRequest:
     device: str = "auto"
     evaluate: bool = False  # measure every map (xaioverlay.metrics): faithfulness, localisation, sanity
     reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
+    amp: bool = False  # mixed precision on CUDA
 
 
 @dataclass
@@ -83,6 +84,18 @@ def measurement(request: ExplainRequest, anatomy, folder: Path | None) -> tuple[
         return None, "measured:model-segmentation"
     path, digest = segment_mask_file(request.reference, [], anatomy, Path(folder) / "reference_mask.nrrd")
     return str(path), f"measured:{digest}"
+
+
+def cache_keys(request: ExplainRequest, info: dict, digest: str, target_text: str,
+               measured: str) -> tuple[dict[str, str], str | None]:
+    """The cache keys of a request's maps (by method spec) and of the model's segmentation (None for a
+    classifier), for an input of content ``digest`` and a model described by ``info``."""
+    fingerprint = model_fingerprint(request.model)
+    device = request.device if request.device != "auto" else info.get("device", "auto")  # "auto" as resolved
+    run = {"device": device, "amp": request.amp}
+    keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured, **run)
+            for spec in request.methods}
+    return keys, segmentation_key(digest, fingerprint, **run) if info["task"] == "segmentation" else None
 
 
 def model_path(parameters) -> str:
@@ -171,7 +184,6 @@ class OverlayLogic:
         target = replace(request.target, task=info["task"])
         anatomy = request.volumes[0]
         digest = nodes.content_digest(request.volumes)
-        fingerprint = model_fingerprint(request.model)
         workdir = Path(tempfile.mkdtemp(prefix="xaioverlay-job-"))
         try:
             target_spec, target_text = build_target(target, anatomy, workdir)
@@ -179,12 +191,9 @@ class OverlayLogic:
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured)
-                for spec in request.methods}
+        keys, job_segmentation_key = cache_keys(request, info, digest, target_text, measured)
         job = Job(list(request.methods), keys, str(request.model), target_text, reference_mask, volume_id=anatomy.GetID(),
-                  workdir=workdir)
-        if info["task"] == "segmentation":
-            job.segmentation_key = segmentation_key(digest, fingerprint)
+                  workdir=workdir, segmentation_key=job_segmentation_key)
         self.last_request = request
         adopted = self._adopt_background(job)
         if adopted is not None:
@@ -213,7 +222,7 @@ class OverlayLogic:
             "command": "explain", "model": str(request.model), "device": request.device, "inputs": inputs,
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
-            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask,
+            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask, "amp": bool(request.amp),
         })
         self.jobs[job.request_id] = job
 
@@ -236,18 +245,14 @@ class OverlayLogic:
             return None
         # a file case not loaded yet is known by its file's digest, as its node will be once loaded
         digest = nodes.content_digest([volume]) if volume is not None else nodes.combine_digests([case.file_digest()])
-        fingerprint = model_fingerprint(template.model)
         target_spec, target_text = build_target(target, None, None)  # a class or the predicted region: no file
         _, measured = measurement(template, None, None)
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer, measured)
-                for spec in template.methods}
+        keys, job_segmentation_key = cache_keys(template, info, digest, target_text, measured)
         missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
         if not missing:
             return None
         job = Job(list(template.methods), keys, str(template.model), target_text, case=case, background=True,
-                  workdir=Path(tempfile.mkdtemp(prefix="xaioverlay-prefetch-")))
-        if info["task"] == "segmentation":
-            job.segmentation_key = segmentation_key(digest, fingerprint)
+                  workdir=Path(tempfile.mkdtemp(prefix="xaioverlay-prefetch-")), segmentation_key=job_segmentation_key)
         if volume is not None:
             inputs = [str(nodes.write_volume_file(volume, job.workdir / "input_0.nrrd"))]
         else:
@@ -383,6 +388,7 @@ class OverlayLogic:
         existing = nodes.owned_nodes(self.scene, nodes.MAP, identity=identity)
         node = existing[0] if existing else None
         if node is not None and nodes.attribute(node, "key") == cached.key:
+            node.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return node
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
@@ -404,9 +410,11 @@ class OverlayLogic:
         return node
 
     def _segmentation_node(self, anatomy, cached, model: str):
-        """The model's predicted segmentation as a segmentation node (drawn as an outline)."""
+        """The model's predicted segmentation as a segmentation node (drawn as an outline), under the
+        volume's parent transform like the maps: it is computed in the volume's own frame."""
         found = nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
         if found:
+            found[0].SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return found[0]
         nodes.remove_nodes(self.scene, nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID()))
         labelmap = nodes.add_volume_from_file(self.scene, cached.path, "model segmentation", labelmap=True)
@@ -416,6 +424,7 @@ class OverlayLogic:
         segmentation.CreateDefaultDisplayNodes()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
         nodes.remove_nodes(self.scene, [labelmap])
+        segmentation.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())  # after the import: no resampling
         for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
             segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
         nodes.set_attributes(segmentation, role=nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)

@@ -16,6 +16,8 @@ import numpy as np
 import slicer
 import vtk
 
+from .cache import volume_digest
+
 #: Prefix of every node attribute the module sets.
 PREFIX = "XAIOverlay."
 #: ``XAIOverlay.role`` values of the nodes the module owns.
@@ -72,11 +74,32 @@ def remove_nodes(scene, nodes: Iterable) -> None:
 
 
 # --- geometry and voxels -------------------------------------------------------------------------
+def matrix_array(matrix) -> np.ndarray:
+    """A vtkMatrix4x4 as a 4×4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def ijk_to_ras(node) -> np.ndarray:
     """4×4 voxel → RAS mm matrix of a volume node (before any parent transform)."""
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return matrix_array(matrix)
+
+
+def to_world(node) -> np.ndarray:
+    """4×4 matrix from the node's own RAS frame to world RAS through its parent transforms (identity
+    without one). A volume's voxels are in its own frame: that is the frame written for the worker.
+
+    Raises ValueError (one line, naming the fix) when a transform in the chain is not linear.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise ValueError(f"{node.GetName()!r} is under a non-linear transform; harden it first "
+                             "(Data module → right-click → Harden transform)")
+        transform.GetMatrixTransformToWorld(matrix)
+    return matrix_array(matrix)
 
 
 def voxels(node) -> np.ndarray:
@@ -96,22 +119,30 @@ def voxels(node) -> np.ndarray:
 
 
 def voxel_digest(node) -> str:
-    """SHA-256 of a volume's content: voxel type, size, values and IJK-to-RAS (rounded to 1 µm)."""
-    array = np.ascontiguousarray(voxels(node))
-    digest = hashlib.sha256()
-    digest.update(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(np.round(ijk_to_ras(node), 3).tobytes())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
+    """The node's current content (:func:`.cache.volume_digest` of its voxels and IJK-to-RAS)."""
+    return volume_digest(voxels(node), ijk_to_ras(node))
+
+
+def loaded_stamp(node) -> str:
+    """Changes whenever the node's voxels (its image data's modification time) or its geometry change."""
+    image = node.GetImageData()
+    return json.dumps([image.GetMTime() if image is not None else 0, np.round(ijk_to_ras(node), 6).tolist()])
 
 
 def content_digest(nodes: Iterable) -> str:
-    """The identity of one multi-channel input, for the map cache.
+    """The identity of one multi-channel input, for the map cache: its current voxels and geometry.
 
-    A volume loaded from a case file carries that file's digest (``XAIOverlay.caseDigest``), so a case
-    explained in the background before it was loaded is found again once it is.
+    A volume loaded from a case file and not changed since (same :func:`loaded_stamp`) is known by
+    that file's digest (``XAIOverlay.caseDigest``), so a case explained in the background before it
+    was loaded is found again once it is; once edited or hardened it is known by its voxels.
     """
-    return combine_digests([attribute(node, "caseDigest") or voxel_digest(node) for node in nodes])
+    def digest(node) -> str:
+        case = attribute(node, "caseDigest")
+        if case and attribute(node, "caseStamp") == loaded_stamp(node):
+            return case
+        return voxel_digest(node)
+
+    return combine_digests([digest(node) for node in nodes])
 
 
 def combine_digests(digests: Iterable[str]) -> str:
