@@ -254,6 +254,8 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.state == "failed":
                 slicer.util.errorDisplay(job.error, windowTitle=_("XAIOverlay"))
             elif job.state == "done":
+                if job.warnings:
+                    slicer.util.warningDisplay("\n".join(job.warnings), windowTitle=_("XAIOverlay"))
                 self.onCompare(job)
         else:
             self.onParametersChanged()
