@@ -11,6 +11,7 @@ from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method, relative_error
+from ..precision import full_float32
 from .canonizers import canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, Composite
 
@@ -43,7 +44,8 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
 
     The network runs through ``model.forward`` once; the backward pass is autograd with each layer's
     gradient rewritten by its rule (see :mod:`.rules` and :mod:`.canonizers`). The network is restored
-    on return, also on error.
+    on return, also on error. Both passes run in full float32 (no TF32, see :mod:`..precision`): the
+    rules divide by pre-activations that must match the forward pass's.
 
     Args:
         x: (B, C, X, Y, Z) input on the model's device.
@@ -51,7 +53,7 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
         A :class:`Relevance`.
     """
     network_input = x.detach().requires_grad_(True)
-    with canonized(model.network, composite, network_input) as session, torch.enable_grad():
+    with full_float32(), canonized(model.network, composite, network_input) as session, torch.enable_grad():
         output = model.forward(network_input)
         check_graph(output, session.origins)
         score = target(output)
