@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ... import sliding
 from ...errors import InputError
 from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
@@ -14,6 +15,7 @@ from ..base import Attribution, Method, relative_error
 from ..precision import full_float32
 from .canonizers import canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, Composite
+from .rules import ZBox
 
 
 @dataclass
@@ -37,6 +39,12 @@ class Relevance:
             "input_relevance": end,
             "relative_error": relative_error(end, start),
         }
+
+
+def input_bounds(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each channel's minimum and maximum over ``x`` (B, C, X, Y, Z): two tuples of C numbers."""
+    channels = x.detach().transpose(0, 1).flatten(1)
+    return tuple(channels.amin(1).tolist()), tuple(channels.amax(1).tolist())
 
 
 def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composite) -> Relevance:
@@ -91,10 +99,32 @@ class LRP(Method):
     def spec(self) -> str:
         return self.name if self.composite.name == DEFAULT else f"{self.name}:{self.composite.name}"
 
+    _whole_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def begin_windows(self, x: torch.Tensor, pads) -> None:
+        # z^B bounds of the whole volume, as padded for the windows: each window's own extremes differ and leave seams
+        self._whole_bounds = input_bounds(sliding.pad(x, pads))
+
+    def end_windows(self) -> None:
+        self._whole_bounds = None
+
+    def bounded(self, x: torch.Tensor) -> tuple[Composite, dict | None]:
+        """The composite with a z^B first rule's data bounds set to numbers: each channel's minimum and maximum
+        over the whole volume (also in a window-by-window run), and those bounds for the record."""
+        first = self.composite.first
+        if not isinstance(first, ZBox) or (first.low is not None and first.high is not None):
+            return self.composite, None
+        low, high = self._whole_bounds if self.window is not None and self._whole_bounds is not None else input_bounds(x)
+        rule = replace(first, low=low if first.low is None else first.low, high=high if first.high is None else first.high)
+        return replace(self.composite, first=rule), {"low": list(low), "high": list(high), "from": "whole volume, per channel"}
+
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        result = lrp(model, x, target, self.composite)
+        composite, bounds = self.bounded(x)
+        result = lrp(model, x, target, composite)
         progress(1, 1, unit="passes")
         parameters = {"composite": self.composite.name, "rules": self.composite.describe()}
+        if bounds is not None:
+            parameters["input_bounds"] = bounds
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
 
     @classmethod
