@@ -23,6 +23,22 @@ from .volumes import Volume, resample_array
 log = logging.getLogger(__name__)
 
 
+def count_non_finite(values: torch.Tensor) -> dict[str, int]:
+    """How many values of ``values`` (any shape) are NaN, +inf and -inf."""
+    return {
+        "nan": int(torch.isnan(values).sum()),
+        "posinf": int(torch.isposinf(values).sum()),
+        "neginf": int(torch.isneginf(values).sum()),
+    }
+
+
+def non_finite_warning(label: str, counts: dict[str, int], total: int) -> str:
+    """E.g. ``"LRP: 12 of 32768 map values were not finite (NaN 12, +inf 0, -inf 0); they are written as 0"``."""
+    bad = sum(counts.values())
+    return (f"{label}: {bad} of {total} map values were not finite (NaN {counts['nan']}, +inf {counts['posinf']}, "
+            f"-inf {counts['neginf']}); they are written as 0")
+
+
 @dataclass
 class MethodResult:
     """One method's map and its record."""
@@ -110,22 +126,6 @@ class Explanation:
             "output": self.output,
             "methods": [r.record() for r in self.results],
         }
-
-
-def count_non_finite(values: torch.Tensor) -> dict[str, int]:
-    """How many values of ``values`` (any shape) are NaN, +inf and -inf."""
-    return {
-        "nan": int(torch.isnan(values).sum()),
-        "posinf": int(torch.isposinf(values).sum()),
-        "neginf": int(torch.isneginf(values).sum()),
-    }
-
-
-def non_finite_warning(label: str, counts: dict[str, int], total: int) -> str:
-    """E.g. ``"LRP: 12 of 32768 map values were not finite (NaN 12, +inf 0, -inf 0); they are written as 0"``."""
-    bad = sum(counts.values())
-    return (f"{label}: {bad} of {total} map values were not finite (NaN {counts['nan']}, +inf {counts['posinf']}, "
-            f"-inf {counts['neginf']}); they are written as 0")
 
 
 def to_input_grid(values: torch.Tensor, model_input: ModelInput) -> Volume:
