@@ -37,8 +37,6 @@ done
 
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-OUT=${GPU_CHECK_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/xaioverlay-gpu-check-XXXXXX")}
-mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT; set GPU_CHECK_OUT to a writable folder" >&2; exit 2; }
 cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT/XAIOverlay${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -60,8 +58,8 @@ if [ -z "$PY" ]; then
     command -v python3 >/dev/null 2>&1 || { echo "gpu_check: no python3 found; set XAIOVERLAY_PYTHON" >&2; exit 2; }
     echo "gpu_check: no Python with $NEEDED; making $ROOT/.venv-gpu on the system's packages (keeps its CUDA torch)"
     python3 -m venv --system-site-packages "$ROOT/.venv-gpu" \
-        && "$ROOT/.venv-gpu/bin/python" -m pip install -q "torch>=2.1" "monai>=1.3" "SimpleITK>=2.3" pyyaml "pytest>=8" \
-            "captum>=0.7" numpy nibabel matplotlib \
+        && "$ROOT/.venv-gpu/bin/python" -m pip install -q "torch>=2.1" "monai>=1.3" "SimpleITK>=2.3" pyyaml \
+            "pytest>=8" "captum>=0.7" numpy nibabel matplotlib \
         || { echo "gpu_check: could not install the packages into .venv-gpu (no package index here?);" \
                   "set XAIOVERLAY_PYTHON to a Python that has $NEEDED" >&2; exit 2; }
     PY="$ROOT/.venv-gpu/bin/python"
@@ -69,13 +67,17 @@ fi
 
 # No CUDA, no check: say why in one line and stop (a CPU build of torch is the usual reason).
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    version=$("$PY" -c 'import torch; print(torch.__version__, "CUDA build" if torch.version.cuda else "CPU-only build")' 2>/dev/null)
+    version=$("$PY" -c 'import torch
+print(torch.__version__, "CUDA build" if torch.version.cuda else "CPU-only build")' 2>/dev/null)
     echo "gpu_check: no CUDA GPU visible to PyTorch ($version, $PY); run this on a machine with an NVIDIA GPU," \
          "driver and a CUDA build of torch (pip install torch without constraints.txt)" >&2
     exit 2
 fi
+OUT=${GPU_CHECK_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/xaioverlay-gpu-check-XXXXXX")}
+mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT; set GPU_CHECK_OUT to a writable folder" >&2; exit 2; }
 "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0)
-print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__} (CUDA {torch.version.cuda}); logs in", end=" ")'
+print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}", end=" ")
+print(f"(CUDA {torch.version.cuda}); logs in", end=" ")'
 echo "$OUT"
 
 names=(); results=(); seconds=()

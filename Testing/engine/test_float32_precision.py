@@ -1,4 +1,4 @@
-"""Occlusion and LRP run in full float32 (no TF32) whatever the user allowed, and leave the user's settings as they were.
+"""Occlusion and LRP run in full float32 (no TF32) whatever the user allowed, and give the user's settings back.
 
 The CPU tests read the flags from inside the network while a method runs (PyTorch keeps them on a CPU build too);
 the CUDA test, skipped with its reason where PyTorch sees no CUDA GPU, compares an LRP map computed on the GPU with
@@ -66,8 +66,8 @@ def test_occlusion_and_lrp_compute_without_tf32_and_give_the_users_settings_back
     hooks = [m.register_forward_hook(lambda *_: seen[running[-1]].append(float32_settings()))
              for m in model.network.modules() if isinstance(m, torch.nn.Conv3d)]
     try:
-        explain(model, [grid_volume((16, 16, 16), seed=1)], [GradientTimesInput(), method], "channel:1@box:-2,-2,2,-12,-12,12",
-                progress=Progress(started))
+        explain(model, [grid_volume((16, 16, 16), seed=1)], [GradientTimesInput(), method],
+                "channel:1@box:-2,-2,2,-12,-12,12", progress=Progress(started))
     finally:
         for hook in hooks:
             hook.remove()

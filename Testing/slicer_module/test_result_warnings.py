@@ -13,5 +13,6 @@ def test_non_finite_map_values_reach_the_job_as_a_warning_naming_method_and_coun
     job = logic.wait(logic.explain(classifier_request(anatomy, model, methods=["gxi"], key="high")))
     assert job.state == "done", job.error
     (warning,) = job.warnings
-    assert warning.startswith(f"Gradient × input: {sum(expected.values())} of {volume.array.size} map values were not finite")
+    bad = sum(expected.values())
+    assert warning.startswith(f"Gradient × input: {bad} of {volume.array.size} map values were not finite")
     assert f"NaN {expected['nan']}, +inf {expected['posinf']}, -inf {expected['neginf']}" in warning

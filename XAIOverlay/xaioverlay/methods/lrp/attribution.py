@@ -102,21 +102,23 @@ class LRP(Method):
     _whole_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def begin_windows(self, x: torch.Tensor, pads) -> None:
-        # z^B bounds of the whole volume, as padded for the windows: each window's own extremes differ and leave seams
+        # z^B bounds of the whole volume as padded for the windows: each window's own extremes differ (seams)
         self._whole_bounds = input_bounds(sliding.pad(x, pads))
 
     def end_windows(self) -> None:
         self._whole_bounds = None
 
     def bounded(self, x: torch.Tensor) -> tuple[Composite, dict | None]:
-        """The composite with a z^B first rule's data bounds set to numbers: each channel's minimum and maximum
-        over the whole volume (also in a window-by-window run), and those bounds for the record."""
+        """The composite with a z^B first rule's data bounds set to numbers: each channel's minimum and
+        maximum over the whole volume (also in a window-by-window run), and those numbers for the record."""
         first = self.composite.first
         if not isinstance(first, ZBox) or (first.low is not None and first.high is not None):
             return self.composite, None
-        low, high = self._whole_bounds if self.window is not None and self._whole_bounds is not None else input_bounds(x)
-        rule = replace(first, low=low if first.low is None else first.low, high=high if first.high is None else first.high)
-        return replace(self.composite, first=rule), {"low": list(low), "high": list(high), "from": "whole volume, per channel"}
+        whole = self._whole_bounds if self.window is not None else None
+        low, high = whole or input_bounds(x)
+        rule = replace(first, low=low if first.low is None else first.low,
+                       high=high if first.high is None else first.high)
+        return replace(self.composite, first=rule), {"low": list(low), "high": list(high), "from": "whole volume"}
 
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
         composite, bounds = self.bounded(x)
