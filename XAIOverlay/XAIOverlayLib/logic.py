@@ -66,6 +66,7 @@ class Job:
     segmentation_id: str | None = None
     state: str = "running"  # running, cancelling, done, failed, cancelled
     error: str = ""
+    warnings: list[str] = field(default_factory=list)  # from the worker's result, e.g. non-finite map values
     status: str = ""  # one line for the progress bar: the current stage or method, and its passes
     stage: str = ""
     progress: tuple[int, int, str] = (0, 0, "")
@@ -318,6 +319,9 @@ class OverlayLogic:
             done, total, unit = job.progress
             job.status = f"{job.stage or event.get('method', '')} · {done}/{total} {unit}"
         elif kind == "result":
+            job.warnings = [str(line) for line in event.get("warnings") or []]
+            for line in job.warnings:
+                log.warning(line)
             try:
                 self._accept_result(job, event)
             except Exception as error:  # noqa: BLE001 - shown to the user, never swallowed
