@@ -257,9 +257,10 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.finished:
             self._job = None  # the timer keeps polling while the next case is prepared in the background
             self.onParametersChanged()
-            if job.state == "failed":
-                slicer.util.errorDisplay(job.error, windowTitle=_("XAIOverlay"))
-            elif job.state == "done":
+            if job.state == "failed" or job.warnings:  # an error, or e.g. non-finite values in a map
+                display = slicer.util.errorDisplay if job.state == "failed" else slicer.util.warningDisplay
+                display(job.error or "\n".join(job.warnings), windowTitle=_("XAIOverlay"))
+            if job.state == "done":
                 self.onCompare(job)
         else:
             self.onParametersChanged()
@@ -349,8 +350,7 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
 
         return ensure_in_slicer()
 
-    def describe(self, parameters, then=None, failed=None):
-        """Returns at once: see OverlayLogic.describe."""
+    def describe(self, parameters, then=None, failed=None):  # returns at once: see OverlayLogic.describe
         from XAIOverlayLib.logic import model_path
 
         return self.core.describe(model_path(parameters), parameters.device.value, then, failed)

@@ -3,8 +3,8 @@
 A folder case is a volume file (NIfTI, NRRD, MetaImage) or a sub-folder holding a DICOM series.
 Loading a case reads it with Slicer's volume storage node (DICOM series with SimpleITK, through the
 engine's reader) and tags the node with the file's digest, so maps computed for the file in the
-background are found in the cache once it is loaded. A case list owns only the nodes it loaded:
-releasing a case never removes a volume the user loaded.
+background are found in the cache once it is loaded (while the node is not edited or hardened). A
+case list owns only the nodes it loaded: releasing a case never removes a volume the user loaded.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def load_case(scene, case: Case):
     else:
         node = nodes.add_volume_from_file(scene, case.path, case.name)
     node.CreateDefaultDisplayNodes()
-    nodes.set_attributes(node, role=nodes.CASE, caseDigest=case.file_digest(), casePath=str(case.path))
+    nodes.set_attributes(node, role=nodes.CASE, caseDigest=case.file_digest(), casePath=str(case.path),
+                         caseStamp=nodes.loaded_stamp(node))  # the file's digest stands for the node until it changes
     case.node_id = node.GetID()
     return node
 

@@ -49,6 +49,7 @@ class ExplainRequest:
     device: str = "auto"
     evaluate: bool = False  # measure every map (xaioverlay.metrics): faithfulness, localisation, sanity
     reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
+    amp: bool = False  # mixed precision on CUDA
 
 
 _JOB_NUMBERS = itertools.count(1)
@@ -74,6 +75,7 @@ class Job:
     segmentation_id: str | None = None
     state: str = "preparing"  # preparing, running, cancelling, done, failed, cancelled
     error: str = ""
+    warnings: list[str] = field(default_factory=list)  # from the worker's result, e.g. non-finite map values
     status: str = ""  # one line for the progress bar: the current stage or method, and its passes
     stage: str = ""
     progress: tuple[int, int, str] = (0, 0, "")
@@ -93,6 +95,18 @@ def measurement(request: ExplainRequest, anatomy, folder: Path | None) -> tuple[
         return None, "measured:model-segmentation"
     path, digest = segment_mask_file(request.reference, [], anatomy, Path(folder) / "reference_mask.nrrd")
     return str(path), f"measured:{digest}"
+
+
+def cache_keys(request: ExplainRequest, info: dict, digest: str, target_text: str,
+               measured: str) -> tuple[dict[str, str], str | None]:
+    """The cache keys of a request's maps (by method spec) and of the model's segmentation (None for a
+    classifier), for an input of content ``digest`` and a model described by ``info``."""
+    fingerprint = model_fingerprint(request.model)
+    device = request.device if request.device != "auto" else info.get("device", "auto")  # "auto" as resolved
+    run = {"device": device, "amp": request.amp}
+    keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured, **run)
+            for spec in request.methods}
+    return keys, segmentation_key(digest, fingerprint, **run) if info["task"] == "segmentation" else None
 
 
 def model_path(parameters) -> str:
@@ -254,13 +268,9 @@ class OverlayLogic:
     def _keyed(self, job: Job, request: ExplainRequest, info: dict, digest: str, snapshots: list,
                target_spec: str | None, measured: str) -> None:
         """Main thread, once the inputs are hashed: adopt a background run, show cached maps, send the rest."""
-        fingerprint = model_fingerprint(request.model)
         target_text = job.target_text
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured)
-                for spec in request.methods}
+        keys, job.segmentation_key = cache_keys(request, info, digest, target_text, measured)
         job.keys = keys
-        if info["task"] == "segmentation":
-            job.segmentation_key = segmentation_key(digest, fingerprint)
         if self._adopt_background(job):
             return
         self._cancel_background()
@@ -292,7 +302,7 @@ class OverlayLogic:
             "command": "explain", "model": str(request.model), "device": request.device, "inputs": inputs,
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
-            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask,
+            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask, "amp": bool(request.amp),
         })
 
     def prefetch(self, case: case_list.Case, template: ExplainRequest) -> Job | None:
@@ -315,7 +325,6 @@ class OverlayLogic:
         volume = self.scene.GetNodeByID(case.node_id) if case.node_id else None
         if case.from_scene and volume is None:
             return None
-        fingerprint = model_fingerprint(template.model)
         target_spec, target_text = build_target(target, None, None)  # a class or the predicted region: no file
         _, measured = measurement(template, None, None)
         job = Job(list(template.methods), {}, str(template.model), target_text, case=case, background=True,
@@ -326,10 +335,8 @@ class OverlayLogic:
 
         def prepare() -> tuple:  # background thread: files and hashes only
             digest = nodes.combine_digests([source.digest() if source is not None else case.file_digest()])
-            keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer, measured)
-                    for spec in template.methods}
+            keys, segmentation = cache_keys(template, info, digest, target_text, measured)
             missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
-            segmentation = segmentation_key(digest, fingerprint) if info["task"] == "segmentation" else None
             written = source is not None and missing
             inputs = [str(source.write(job.workdir / "input_0.nrrd")) if written else str(case.path)]
             return keys, missing, inputs, segmentation
@@ -453,6 +460,9 @@ class OverlayLogic:
             done, total, unit = job.progress
             job.status = f"{job.stage or event.get('method', '')} · {done}/{total} {unit}"
         elif kind == "result":  # stored in the cache on the background thread, then shown
+            job.warnings = [str(line) for line in event.get("warnings") or []]
+            for line in job.warnings:
+                log.warning(line)
             job.status = "loading the maps"
             self._in_background(job, lambda: self._store_result(job, event),
                                 lambda stored: self._show_result(job, *stored))
@@ -532,6 +542,7 @@ class OverlayLogic:
         existing = nodes.owned_nodes(self.scene, nodes.MAP, identity=identity)
         node = existing[0] if existing else None
         if node is not None and nodes.attribute(node, "key") == cached.key:
+            node.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return node
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
@@ -553,9 +564,11 @@ class OverlayLogic:
         return node
 
     def _segmentation_node(self, anatomy, cached, model: str):
-        """The model's predicted segmentation as a segmentation node (drawn as an outline)."""
+        """The model's predicted segmentation as a segmentation node (drawn as an outline), under the
+        volume's parent transform like the maps: it is computed in the volume's own frame."""
         found = nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
         if found:
+            found[0].SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return found[0]
         nodes.remove_nodes(self.scene, nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID()))
         labelmap = nodes.add_volume_from_file(self.scene, cached.path, "model segmentation", labelmap=True)
@@ -565,6 +578,7 @@ class OverlayLogic:
         segmentation.CreateDefaultDisplayNodes()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
         nodes.remove_nodes(self.scene, [labelmap])
+        segmentation.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())  # after the import: no resampling
         for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
             segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
         nodes.set_attributes(segmentation, role=nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)

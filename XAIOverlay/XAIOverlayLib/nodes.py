@@ -17,6 +17,8 @@ import numpy as np
 import slicer
 import vtk
 
+from .cache import volume_digest
+
 #: Prefix of every node attribute the module sets.
 PREFIX = "XAIOverlay."
 #: ``XAIOverlay.role`` values of the nodes the module owns.
@@ -73,11 +75,32 @@ def remove_nodes(scene, nodes: Iterable) -> None:
 
 
 # --- geometry and voxels -------------------------------------------------------------------------
+def matrix_array(matrix) -> np.ndarray:
+    """A vtkMatrix4x4 as a 4×4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def ijk_to_ras(node) -> np.ndarray:
     """4×4 voxel → RAS mm matrix of a volume node (before any parent transform)."""
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return matrix_array(matrix)
+
+
+def to_world(node) -> np.ndarray:
+    """4×4 matrix from the node's own RAS frame to world RAS through its parent transforms (identity
+    without one). A volume's voxels are in its own frame: that is the frame written for the worker.
+
+    Raises ValueError (one line, naming the fix) when a transform in the chain is not linear.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise ValueError(f"{node.GetName()!r} is under a non-linear transform; harden it first "
+                             "(Data module → right-click → Harden transform)")
+        transform.GetMatrixTransformToWorld(matrix)
+    return matrix_array(matrix)
 
 
 def voxels(node) -> np.ndarray:
@@ -97,18 +120,14 @@ def voxels(node) -> np.ndarray:
 
 
 def voxel_digest(node) -> str:
-    """SHA-256 of a volume's content: voxel type, size, values and IJK-to-RAS (rounded to 1 µm)."""
-    return array_digest(voxels(node), ijk_to_ras(node))
+    """The node's current content (:func:`.cache.volume_digest` of its voxels and IJK-to-RAS)."""
+    return volume_digest(voxels(node), ijk_to_ras(node))
 
 
-def array_digest(array: np.ndarray, matrix: np.ndarray) -> str:
-    """:func:`voxel_digest` of voxels ``array`` (X, Y, Z) placed by the 4×4 IJK-to-RAS ``matrix``."""
-    array = np.ascontiguousarray(array)
-    digest = hashlib.sha256()
-    digest.update(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(np.round(matrix, 3).tobytes())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
+def loaded_stamp(node) -> str:
+    """Changes whenever the node's voxels (its image data's modification time) or its geometry change."""
+    image = node.GetImageData()
+    return json.dumps([image.GetMTime() if image is not None else 0, np.round(ijk_to_ras(node), 6).tolist()])
 
 
 @dataclass(frozen=True)
@@ -118,11 +137,11 @@ class VolumeSnapshot:
 
     array: np.ndarray  # (X, Y, Z), a copy
     ijk_to_ras: np.ndarray  # 4×4
-    case_digest: str | None = None  # the digest of the file a case was loaded from
+    case_digest: str | None = None  # see unchanged_case_digest
 
     def digest(self) -> str:
         """The same text :func:`content_digest` gives the node for this channel."""
-        return self.case_digest or array_digest(self.array, self.ijk_to_ras)
+        return self.case_digest or volume_digest(self.array, self.ijk_to_ras)
 
     def write(self, path: str | Path) -> Path:
         """Write the voxels to NRRD (uncompressed, atomically) on their exact grid."""
@@ -134,16 +153,24 @@ class VolumeSnapshot:
 
 def snapshot(node) -> VolumeSnapshot:
     """Copy a volume node's voxels and geometry (fast: one memory copy) for work off the main thread."""
-    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), attribute(node, "caseDigest"))
+    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), unchanged_case_digest(node))
+
+
+def unchanged_case_digest(node) -> str | None:
+    """The digest of the case file the node was loaded from while the node has not changed since (same
+    :func:`loaded_stamp`), else None."""
+    case = attribute(node, "caseDigest")
+    return case if case and attribute(node, "caseStamp") == loaded_stamp(node) else None
 
 
 def content_digest(nodes: Iterable) -> str:
-    """The identity of one multi-channel input, for the map cache.
+    """The identity of one multi-channel input, for the map cache: its current voxels and geometry.
 
-    A volume loaded from a case file carries that file's digest (``XAIOverlay.caseDigest``), so a case
-    explained in the background before it was loaded is found again once it is.
+    A volume loaded from a case file and not changed since (same :func:`loaded_stamp`) is known by
+    that file's digest (``XAIOverlay.caseDigest``), so a case explained in the background before it
+    was loaded is found again once it is; once edited or hardened it is known by its voxels.
     """
-    return combine_digests([attribute(node, "caseDigest") or voxel_digest(node) for node in nodes])
+    return combine_digests([unchanged_case_digest(node) or voxel_digest(node) for node in nodes])
 
 
 def combine_digests(digests: Iterable[str]) -> str:

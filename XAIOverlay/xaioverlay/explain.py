@@ -23,6 +23,22 @@ from .volumes import Volume, resample_array
 log = logging.getLogger(__name__)
 
 
+def count_non_finite(values: torch.Tensor) -> dict[str, int]:
+    """How many values of ``values`` (any shape) are NaN, +inf and -inf."""
+    return {
+        "nan": int(torch.isnan(values).sum()),
+        "posinf": int(torch.isposinf(values).sum()),
+        "neginf": int(torch.isneginf(values).sum()),
+    }
+
+
+def non_finite_warning(label: str, counts: dict[str, int], total: int) -> str:
+    """E.g. ``"LRP: 12 of 32768 map values were not finite (NaN 12, +inf 0, -inf 0); they are written as 0"``."""
+    bad = sum(counts.values())
+    return (f"{label}: {bad} of {total} map values were not finite (NaN {counts['nan']}, +inf {counts['posinf']}, "
+            f"-inf {counts['neginf']}); they are written as 0")
+
+
 @dataclass
 class MethodResult:
     """One method's map and its record."""
@@ -39,6 +55,14 @@ class MethodResult:
     memory_kind: str
     passes: dict
     extras: dict = field(default_factory=dict)
+    #: Values of the method's map on the model grid that were NaN, +inf or -inf; they are written as 0.
+    non_finite: dict = field(default_factory=lambda: {"nan": 0, "posinf": 0, "neginf": 0})
+
+    def warning(self) -> str | None:
+        """One line for the user when the map had non-finite values, else None."""
+        if not any(self.non_finite.values()):
+            return None
+        return non_finite_warning(self.label, self.non_finite, self.model_grid_map.numel())
 
     def record(self) -> dict:
         values = self.volume.array
@@ -53,6 +77,7 @@ class MethodResult:
             "peak_memory_kind": self.memory_kind,
             "passes": self.passes,
             "value_range": [float(values.min()), float(values.max())],
+            "non_finite": dict(self.non_finite),
             **({"extras": self.extras} if self.extras else {}),
         }
 
@@ -75,6 +100,10 @@ class Explanation:
     @property
     def anatomy(self) -> Volume:
         return self.inputs[0]
+
+    def warnings(self) -> list[str]:
+        """One line per method whose map had non-finite values (shown by the CLI and the Slicer module)."""
+        return [line for line in (r.warning() for r in self.results) if line]
 
     def record(self) -> dict:
         """The content of ``explanation.json`` (file names are added by the writer)."""
@@ -229,8 +258,9 @@ def explain(
         with measure(model.device) as cost:
             attribution = attribute(method, model, model_input, resolved, progress.child(method=method.spec))
         values = attribution.map.detach()
-        if not torch.isfinite(values).all():
-            log.warning("%s produced non-finite values; they are set to 0", method.label)
+        non_finite = count_non_finite(values)
+        if any(non_finite.values()):
+            log.info("%s", non_finite_warning(method.label, non_finite, values.numel()))
             values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         results.append(
             MethodResult(
@@ -238,6 +268,7 @@ def explain(
                 volume=to_input_grid(values, model_input), model_grid_map=values.cpu(),
                 parameters=attribution.parameters, seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                 memory_kind=cost.memory_kind, passes=model.passes.as_dict(), extras=attribution.extras,
+                non_finite=non_finite,
             )
         )
         log.info("%s: %.2f s, %s", method.label, cost.seconds, model.passes.as_dict())

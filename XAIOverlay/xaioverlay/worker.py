@@ -20,7 +20,8 @@ Events (every event but ``ready`` carries the request's ``id``)::
     {"event": "message", "message": "Grad-CAM (1/3)", "stage": "method", ...}   # from Progress
     {"event": "progress", "method": "gradcam", "done": 1, "total": 1, "unit": "passes"}
     {"event": "described", "model": {...}, "methods": [...], "default_methods": [...]}
-    {"event": "result", "out": DIR, "explanation": {... explanation.json ...}, "segmentation": FILE | null}
+    {"event": "result", "out": DIR, "explanation": {... explanation.json ...}, "segmentation": FILE | null,
+     "warnings": ["one line per condition the user must see, e.g. non-finite map values", ...]}
     {"event": "error", "message": "one line: problem and fix"}
     {"event": "cancelled"}
 
@@ -260,7 +261,8 @@ class Worker:
         record = json.loads((out / "explanation.json").read_text())
         for method, measured in zip(record["methods"], metrics or []):
             method["metrics"] = measured
-        self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation})
+        self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation,
+                   "warnings": explanation.warnings()})
 
     def evaluate(self, model, volumes, methods, target, score, layer, labels, request, progress):
         """Explain and measure; returns (the explanation, one {column title: value} per method)."""
