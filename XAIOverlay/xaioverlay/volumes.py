@@ -301,3 +301,121 @@ def resample_volume(volume: Volume, target: Geometry, *, interpolation: str = "l
         volume.array, volume.geometry.ijk_to_ras(), target.size, target.ijk_to_ras(), interpolation=interpolation
     )
     return Volume(array, target, volume.name)
+
+
+#: Working memory (bytes) one slab of :func:`resample_additive` may use.
+_SLAB_BYTES = 64 * 2**20
+
+
+def _axis_permutation(linear: np.ndarray, source_size: Sequence[int]) -> list[int] | None:
+    """Which source axis each target axis follows when the grids differ only by axis order, flips and
+    scale (the usual reorient + respace preprocessing); None when they are rotated against each other.
+
+    ``linear``: 3×3 source index → target index. An entry counts as zero when it moves no point of the
+    source grid by more than 0.01 target voxel.
+    """
+    significant = np.abs(linear) * np.asarray(source_size, float)[None, :] > 0.01
+    if not (significant.sum(0) == 1).all() or not (significant.sum(1) == 1).all():
+        return None
+    return [int(np.flatnonzero(row)[0]) for row in significant]
+
+
+def overlap_weights(scale: float, offset: float, source_count: int, target_count: int) -> np.ndarray:
+    """1D share of each source cell that lies in each target cell.
+
+    Source cell ``j`` spans ``[j − ½, j + ½]`` and lands on ``[scale·(j ∓ ½) + offset]`` in target
+    index units; target cell ``i`` spans ``[i − ½, i + ½]``. Returns (target_count, source_count)
+    float32 whose columns sum to 1 where the source cell lies wholly inside the target range.
+    """
+    ends = scale * (np.arange(source_count)[:, None] + np.array([-0.5, 0.5])) + offset
+    low, high = ends.min(1), ends.max(1)
+    centres = np.arange(target_count)[:, None]
+    overlap = np.minimum(centres + 0.5, high[None, :]) - np.maximum(centres - 0.5, low[None, :])
+    return (np.clip(overlap, 0.0, None) / abs(scale)).astype(np.float32)
+
+
+def _resample_additive_separable(source: np.ndarray, index_map: np.ndarray, order: list[int],
+                                 target_size: Sequence[int]) -> np.ndarray:
+    """Exact overlap weighting, one axis at a time, in slabs of the target's first axis."""
+    src = np.transpose(source, order)
+    w0, w1, w2 = (
+        overlap_weights(index_map[axis, order[axis]], index_map[axis, 3], src.shape[axis], target_size[axis])
+        for axis in range(3)
+    )
+    out = np.zeros(tuple(target_size), np.float32)
+    rows = max(1, _SLAB_BYTES // (4 * target_size[1] * max(src.shape[2], target_size[2]) * 2))
+    for start in range(0, target_size[0], rows):
+        weights = w0[start:start + rows]
+        used = np.flatnonzero(weights.any(0))
+        if not used.size:
+            continue
+        low, high = used[0], used[-1] + 1
+        part = np.tensordot(weights[:, low:high], src[low:high].astype(np.float32, copy=False), axes=(1, 0))
+        out[start:start + rows] = np.matmul(w1, part) @ w2.T
+    return out
+
+
+def _resample_additive_splat(source: np.ndarray, index_map: np.ndarray, target_size: Sequence[int]) -> np.ndarray:
+    """Overlap weighting for rotated grids: each source voxel is cut into sub-points at most half a
+    target voxel apart, and each sub-point's share is spread trilinearly over the 8 target voxels
+    around it (weights summing to 1), slab by slab of the source's first axis."""
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    counts = [max(1, int(np.ceil(np.abs(linear[:, axis]).max() / 0.5))) for axis in range(3)]
+    steps = [(np.arange(n) + 0.5) / n - 0.5 for n in counts]
+    size = np.asarray(target_size)
+    out = np.zeros(tuple(target_size), np.float32)
+    per_row = source.shape[1] * source.shape[2] * int(np.prod(counts))
+    rows = max(1, _SLAB_BYTES // (per_row * 256))
+    for start in range(0, source.shape[0], rows):
+        block = source[start:start + rows].astype(np.float32, copy=False)
+        axes = [np.arange(start, start + block.shape[0]), np.arange(source.shape[1]), np.arange(source.shape[2])]
+        sub = [(a[:, None] + s[None, :]).ravel() for a, s in zip(axes, steps)]
+        points = sum(linear[:, axis, None, None, None] * np.expand_dims(sub[axis], [a for a in range(3) if a != axis])
+                     for axis in range(3)) + offset[:, None, None, None]
+        points = points.reshape(3, -1).T.astype(np.float32)  # (P, 3) target indices
+        shares = block / float(np.prod(counts))
+        for axis, n in enumerate(counts):
+            shares = np.repeat(shares, n, axis=axis)
+        shares = shares.ravel()
+        floor = np.floor(points)
+        fraction = points - floor
+        floor = floor.astype(np.int64)
+        low = np.clip(floor.min(0), 0, size - 1)
+        high = np.clip(floor.max(0) + 1, 0, size - 1)
+        if (floor.max(0) + 1 < 0).any() or (floor.min(0) > size - 1).any():
+            continue
+        extent = high - low + 1
+        indices, weights = [], []
+        for corner in np.ndindex(2, 2, 2):
+            voxel = floor + np.asarray(corner) - low
+            weight = np.prod(np.where(corner, fraction, 1.0 - fraction), axis=1) * shares
+            valid = ((voxel >= 0) & (voxel < extent)).all(1)
+            indices.append(np.ravel_multi_index(tuple(voxel[valid].T), tuple(extent)))
+            weights.append(weight[valid])
+        summed = np.bincount(np.concatenate(indices), np.concatenate(weights), minlength=int(np.prod(extent)))
+        out[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1] += summed.reshape(extent).astype(np.float32)
+    return out
+
+
+def resample_additive(
+    source: np.ndarray,
+    source_ijk_to_ras: np.ndarray,
+    target_size: Sequence[int],
+    target_ijk_to_ras: np.ndarray,
+) -> np.ndarray:
+    """Resample an additive map (each voxel holds a share of a total, e.g. LRP relevance) so that its sum
+    over any region is kept: each source voxel's value is split over the target voxels it overlaps in
+    proportion to the overlap volume (then each target voxel holds the sum of its shares).
+
+    Grids that differ by axis order, flips, scale and shift (reorienting and respacing) get the exact
+    overlap weights, axis by axis; rotated grids get sub-voxel sampling spread trilinearly (region sums
+    kept to within one target voxel's blur at the region's border). What falls outside the target grid
+    is dropped: compare the sums to know how much.
+
+    Args and shapes as :func:`resample_array`; returns a (mi, mj, mk) float32 array.
+    """
+    index_map = np.linalg.inv(np.asarray(target_ijk_to_ras, float)) @ np.asarray(source_ijk_to_ras, float)
+    order = _axis_permutation(index_map[:3, :3], source.shape)
+    if order is not None:
+        return _resample_additive_separable(source, index_map, order, target_size)
+    return _resample_additive_splat(source, index_map, target_size)
