@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .integrity import check_dicom_folder, check_volume_file
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,14 @@ def _volume_name(path: Path) -> str:
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in reader.GetGDCMSeriesIDs(str(folder))}
+    chosen = max(files, key=lambda sid: len(files[sid])) if files else ""
+    check_dicom_folder(folder, files.get(chosen, []), {name for names in files.values() for name in names})
+    if not files:
         raise InputError(f"{folder}: folder holds no DICOM series; give a folder of DICOM slices or a volume file")
-    if len(series) > 1:
-        files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-        chosen = max(files, key=lambda sid: len(files[sid]))
-        log.warning("%s holds %d DICOM series; reading the largest (%s)", folder, len(series), chosen)
-    else:
-        chosen = series[0]
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), chosen))
+    if len(files) > 1:
+        log.warning("%s holds %d DICOM series; reading the largest (%s)", folder, len(files), chosen)
+    reader.SetFileNames(files[chosen])
     return reader.Execute()
 
 
@@ -172,6 +172,7 @@ def read_volume(path: str | os.PathLike, *, check_finite: bool = True) -> Volume
                     f"{path}: unsupported file type; give a volume ending in {', '.join(VOLUME_SUFFIXES)} "
                     "or a folder holding a DICOM series"
                 )
+            check_volume_file(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
@@ -247,9 +248,22 @@ def atomic_path(path: Path) -> Path:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:
-    """Write ``volume`` atomically: to a temporary sibling first, then renamed onto ``path``."""
+    """Write ``volume`` atomically: to a temporary sibling first, then renamed onto ``path``.
+
+    A header with a separate data file (``.nhdr``, ``.mhd``) is written with its final names in a
+    temporary sibling folder; the data file is moved into place first, the header last.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.lower().endswith((".nhdr", ".mhd")):
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            sitk.WriteImage(volume.to_sitk(), str(staging / path.name), compress)
+            for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
+                os.replace(item, path.parent / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
     temporary = atomic_path(path)
     try:
         sitk.WriteImage(volume.to_sitk(), str(temporary), compress)
