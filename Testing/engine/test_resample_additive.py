@@ -44,6 +44,14 @@ def test_region_sums_are_kept_from_a_coarse_grid_to_a_rotated_grid_with_5x_small
     assert written[~region_fine].sum(dtype=np.float64) == pytest.approx(values[~region_model].sum(dtype=np.float64), rel=0.01)
 
 
+def test_a_uniform_density_stays_uniform_on_a_rotated_grid():
+    """Sub-voxel sampling leaves no stripes: relevance spread evenly stays even (within 2 %) inside the volume."""
+    model = centred_geometry((30, 30, 24), (2.0, 2.0, 2.0), rotation_z(0.3) @ rotation_x(0.2), np.zeros(3))
+    fine = centred_geometry((30, 30, 20), (1.5, 1.5, 1.5), np.eye(3), np.zeros(3))
+    written = resample_additive(np.ones(model.size, np.float32), model.ijk_to_ras(), fine.size, fine.ijk_to_ras())
+    np.testing.assert_allclose(written[3:-3, 3:-3, 3:-3], (1.5 / 2.0) ** 3, rtol=0.02)
+
+
 def test_a_twice_coarser_aligned_voxel_is_split_into_eight_equal_shares():
     coarse = Geometry((4, 3, 2), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0))
     fine = Geometry((8, 6, 4), (1.5, 1.5, 1.5), (-0.75, -0.75, -0.75))

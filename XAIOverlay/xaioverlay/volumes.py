@@ -370,44 +370,36 @@ def _resample_additive_separable(source: np.ndarray, index_map: np.ndarray, orde
 
 
 def _resample_additive_splat(source: np.ndarray, index_map: np.ndarray, target_size: Sequence[int]) -> np.ndarray:
-    """Overlap weighting for rotated grids: each source voxel is cut into sub-points at most half a
-    target voxel apart, and each sub-point's share is spread trilinearly over the 8 target voxels
-    around it (weights summing to 1), slab by slab of the source's first axis."""
+    """Overlap weighting for rotated grids: each non-zero source voxel is cut into S sub-points at most
+    half a target voxel apart, and each sub-point's share (value / S) is spread trilinearly over the 8
+    target voxels around it (weights summing to 1), a bounded number of source voxels at a time."""
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     counts = [max(1, int(np.ceil(np.abs(linear[:, axis]).max() / 0.5))) for axis in range(3)]
-    steps = [(np.arange(n) + 0.5) / n - 0.5 for n in counts]
+    steps = np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in counts], indexing="ij")
+    sub_points = np.stack([s.ravel() for s in steps], -1) @ linear.T  # (S, 3) target index units
     size = np.asarray(target_size)
-    out = np.zeros(tuple(target_size), np.float32)
-    per_row = source.shape[1] * source.shape[2] * int(np.prod(counts))
-    rows = max(1, _SLAB_BYTES // (per_row * 256))
-    for start in range(0, source.shape[0], rows):
-        block = source[start:start + rows].astype(np.float32, copy=False)
-        axes = [np.arange(start, start + block.shape[0]), np.arange(source.shape[1]), np.arange(source.shape[2])]
-        sub = [(a[:, None] + s[None, :]).ravel() for a, s in zip(axes, steps)]
-        points = sum(linear[:, axis, None, None, None] * np.expand_dims(sub[axis], [a for a in range(3) if a != axis])
-                     for axis in range(3)) + offset[:, None, None, None]
-        points = points.reshape(3, -1).T.astype(np.float32)  # (P, 3) target indices
-        shares = block / float(np.prod(counts))
-        for axis, n in enumerate(counts):
-            shares = np.repeat(shares, n, axis=axis)
-        shares = shares.ravel()
-        floor = np.floor(points)
-        fraction = points - floor
-        floor = floor.astype(np.int64)
-        low = np.clip(floor.min(0), 0, size - 1)
-        high = np.clip(floor.max(0) + 1, 0, size - 1)
-        if (floor.max(0) + 1 < 0).any() or (floor.min(0) > size - 1).any():
+    out = np.zeros(tuple(int(n) for n in target_size), np.float32)
+    flat_out, flat = out.reshape(-1), source.reshape(-1)
+    strides = (out.shape[1] * out.shape[2], out.shape[2])
+    per_chunk = max(1, _SLAB_BYTES // (256 * len(sub_points)))
+    for start in range(0, flat.size, per_chunk):
+        values = flat[start:start + per_chunk]
+        keep = np.flatnonzero(values)
+        if not keep.size:
             continue
-        extent = high - low + 1
-        indices, weights = [], []
-        for corner in np.ndindex(2, 2, 2):
-            voxel = floor + np.asarray(corner) - low
-            weight = np.prod(np.where(corner, fraction, 1.0 - fraction), axis=1) * shares
-            valid = ((voxel >= 0) & (voxel < extent)).all(1)
-            indices.append(np.ravel_multi_index(tuple(voxel[valid].T), tuple(extent)))
-            weights.append(weight[valid])
-        summed = np.bincount(np.concatenate(indices), np.concatenate(weights), minlength=int(np.prod(extent)))
-        out[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1] += summed.reshape(extent).astype(np.float32)
+        centres = np.stack(np.unravel_index(start + keep, source.shape), -1) @ linear.T + offset
+        points = (centres[:, None, :] + sub_points[None]).reshape(-1, 3)
+        shares = np.repeat(values[keep].astype(np.float32) / len(sub_points), len(sub_points))
+        floor = np.floor(points)
+        fraction = (points - floor).astype(np.float32).T
+        floor = floor.astype(np.int64).T
+        weights = [(1.0 - f, f) for f in fraction]
+        inside = [((f >= 0) & (f < n), (f >= -1) & (f < n - 1)) for f, n in zip(floor, size)]
+        base = floor[0] * strides[0] + floor[1] * strides[1] + floor[2]
+        for a, b, c in np.ndindex(2, 2, 2):
+            keep_corner = inside[0][a] & inside[1][b] & inside[2][c]
+            weight = weights[0][a] * weights[1][b] * weights[2][c] * shares
+            np.add.at(flat_out, base[keep_corner] + (a * strides[0] + b * strides[1] + c), weight[keep_corner])
     return out
 
 
@@ -423,8 +415,8 @@ def resample_additive(
 
     Grids that differ by axis order, flips, scale and shift (reorienting and respacing) get the exact
     overlap weights, axis by axis; rotated grids get sub-voxel sampling spread trilinearly (region sums
-    kept to within one target voxel's blur at the region's border). What falls outside the target grid
-    is dropped: compare the sums to know how much.
+    kept to within one target voxel's blur at the region's border; zero voxels cost nothing). What falls
+    outside the target grid is dropped: compare the sums to know how much.
 
     Args and shapes as :func:`resample_array`; returns a (mi, mj, mk) float32 array.
     """
