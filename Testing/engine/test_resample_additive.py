@@ -61,6 +61,18 @@ def test_a_twice_coarser_aligned_voxel_is_split_into_eight_equal_shares():
     np.testing.assert_allclose(written, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rotated", [False, True])
+def test_a_non_finite_voxel_marks_only_the_voxels_it_overlaps(rotated):
+    """One NaN on the model grid must not spread along whole rows (the axis-by-axis weights multiply by 0)."""
+    direction = rotation_z(0.4) if rotated else np.eye(3)
+    model = centred_geometry((12, 10, 8), (3.0, 3.0, 3.0), direction, np.zeros(3))
+    fine = centred_geometry((40, 36, 30), (1.0, 1.0, 1.0), np.eye(3), np.zeros(3))
+    values = np.ones(model.size, np.float32)
+    values[6, 5, 4] = np.nan
+    written = resample_additive(values, model.ijk_to_ras(), fine.size, fine.ijk_to_ras())
+    assert 0 < np.isnan(written).sum() <= 6**3  # a 3 mm voxel overlaps at most 4³ 1 mm voxels (+ the splat's blur)
+
+
 @pytest.fixture
 def respaced_unet(tmp_path):
     """A UNet whose preprocessing respaces to voxels 5× larger (in volume) than the input's."""

@@ -418,10 +418,20 @@ def resample_additive(
     kept to within one target voxel's blur at the region's border; zero voxels cost nothing). What falls
     outside the target grid is dropped: compare the sums to know how much.
 
-    Args and shapes as :func:`resample_array`; returns a (mi, mj, mk) float32 array.
+    Args and shapes as :func:`resample_array`; returns a (mi, mj, mk) float32 array. A NaN or infinite
+    source voxel makes the target voxels it overlaps NaN, and no others.
     """
     index_map = np.linalg.inv(np.asarray(target_ijk_to_ras, float)) @ np.asarray(source_ijk_to_ras, float)
     order = _axis_permutation(index_map[:3, :3], source.shape)
-    if order is not None:
-        return _resample_additive_separable(source, index_map, order, target_size)
-    return _resample_additive_splat(source, index_map, target_size)
+
+    def resample(values: np.ndarray) -> np.ndarray:
+        if order is not None:
+            return _resample_additive_separable(values, index_map, order, target_size)
+        return _resample_additive_splat(values, index_map, target_size)
+
+    bad = ~np.isfinite(source)
+    if not bad.any():
+        return resample(source)
+    result = resample(np.where(bad, 0.0, source).astype(np.float32))
+    result[resample(bad.astype(np.float32)) > 0] = np.nan
+    return result
