@@ -218,7 +218,7 @@ class Worker:
             write_volume(labels, out / SEGMENTATION_FILE)  # before explanation.json, which completes the set
             segmentation = str(out / SEGMENTATION_FILE)
         write_outputs(explanation, out, montage=bool(request.get("montage", False)))
-        record = json.loads((out / "explanation.json").read_text())
+        record = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
         for method, measured in zip(record["methods"], metrics or []):
             method["metrics"] = measured
         self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation})
