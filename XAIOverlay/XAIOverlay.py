@@ -128,6 +128,7 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.compareButton.connect("clicked(bool)", lambda: self.onCompare())
         self.ui.describeButton.connect("clicked(bool)", self.onDescribe)
+        self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)
         self.ui.loadFolderButton.connect("clicked(bool)", self.onCasesFromFolder)
         self.ui.useSceneButton.connect("clicked(bool)", self.onCasesFromScene)
         self.ui.previousButton.connect("clicked(bool)", lambda: self.onStep(-1))
@@ -188,6 +189,11 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.applyDisplay(parameters)
 
     # --- model and methods -------------------------------------------------------------------------
+    def onChooseModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a MONAI bundle folder"), str(self._parameterNode.modelPath))
+        if folder:
+            self._parameterNode.modelPath = pathlib.Path(folder)
+
     def onDescribe(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot read the model."), waitCursor=True):
             if not self.logic.ensureDependencies():

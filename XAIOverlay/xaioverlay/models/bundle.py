@@ -20,10 +20,6 @@ from .weights import apply_state_dict, load_state_dict
 log = logging.getLogger(__name__)
 
 
-def is_bundle(path: Path) -> bool:
-    return path.is_dir() and (path / "configs").is_dir()
-
-
 def _config_file(path: Path, stem: str) -> Path | None:
     for suffix in (".json", ".yaml", ".yml"):
         candidate = path / "configs" / f"{stem}{suffix}"
