@@ -31,7 +31,8 @@ class XAIOverlay(ScriptedLoadableModule):
 Explain a 3D imaging model (MONAI bundle, state dict + spec, TorchScript) on the volumes in the scene:
 Grad-CAM, LRP, occlusion and more as colour-mapped overlays, compared side by side in linked views,
 with a table of runtime and quality per method; then click to the next case.
-See the <a href="https://github.com/REPLACE-WITH-OWNER/XAIOverlay#slicer-module">module documentation</a>.
+Documentation: the "3D Slicer module" section of the extension's README (its source is at the
+extension's homepage, shown in the Extensions Manager).
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer, MONAI and PyTorch. The explanation engine runs in a separate worker process
