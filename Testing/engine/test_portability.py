@@ -152,3 +152,20 @@ def test_without_any_memory_source_the_figure_is_left_out_with_a_note(monkeypatc
         sum(range(10_000))
     assert cost.seconds > 0 and cost.peak_memory_mb is None and cost.memory_kind == measure.NO_SOURCE
     assert "psutil" in measure.NO_SOURCE
+
+
+def test_a_bundle_with_non_ascii_metadata_loads_whatever_the_system_encoding(tmp_path):
+    """MONAI opens bundle configs in the system's encoding; the engine reads them as UTF-8 itself."""
+    import shutil
+
+    bundle = shutil.copytree(bundle_path("tumour_classifier"), tmp_path / "Tumour classifier")
+    metadata_file = bundle / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    metadata["authors"] = "Jürgen Ōno"  # "Ō" is C5 8C in UTF-8: bytes cp1252 cannot decode
+    metadata_file.write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
+    code = ("import json, sys; from xaioverlay.models import load_model;"
+            "print(json.dumps(load_model(sys.argv[1], device='cpu').class_names))")
+    result = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True,
+                            encoding="utf-8", errors="replace", env=_c_locale_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["no tumour", "tumour"]
