@@ -127,7 +127,7 @@ code = main(["explain", "--model", sys.argv[1], "--input", sys.argv[2], "--metho
              "--out", sys.argv[3], "--progress", "none", "--no-montage"])
 replies = io.StringIO()
 serve(io.StringIO(json.dumps({"id": "d", "command": "describe", "model": sys.argv[1], "device": "cpu"}) + "\\n"), replies)
-print(json.dumps({"code": code, "source": measure.rss_source(), "events": replies.getvalue().splitlines()}))
+print(json.dumps({"code": code, "source": measure.rss_reader()[0], "events": replies.getvalue().splitlines()}))
 """
 
 
@@ -147,7 +147,7 @@ def test_explain_and_describe_run_where_resource_cannot_be_imported(tmp_path):
 
 
 def test_without_any_memory_source_the_figure_is_left_out_with_a_note(monkeypatch):
-    monkeypatch.setattr(measure, "rss_source", lambda: None)
+    monkeypatch.setattr(measure, "rss_reader", lambda: None)
     with measure.measure("cpu") as cost:
         sum(range(10_000))
     assert cost.seconds > 0 and cost.peak_memory_mb is None and cost.memory_kind == measure.NO_SOURCE

@@ -11,6 +11,7 @@ import mmap
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,25 +27,23 @@ def _psutil():
     return psutil
 
 
-def rss_source() -> str | None:
-    """Where :func:`rss_bytes` reads from: ``psutil``, ``/proc`` or None (no figure on this system)."""
-    if _psutil() is not None:
-        return "psutil"
+def _proc_rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * mmap.PAGESIZE
+
+
+def rss_reader() -> tuple[str, Callable[[], int]] | None:
+    """(source name, a function giving this process's resident set size in bytes now), from ``psutil``
+    or ``/proc``; None where neither exists."""
+    psutil = _psutil()
+    if psutil is not None:
+        process = psutil.Process()
+        return "psutil", lambda: int(process.memory_info().rss)
     try:
-        with open("/proc/self/statm", encoding="ascii"):
-            return "/proc"
+        _proc_rss()
     except OSError:
         return None
-
-
-def rss_bytes(source: str | None) -> int:
-    """This process's resident set size now, read from ``source`` (see :func:`rss_source`)."""
-    if source == "psutil":
-        return int(_psutil().Process().memory_info().rss)
-    if source == "/proc":
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * mmap.PAGESIZE
-    return 0
+    return "/proc", _proc_rss
 
 
 def available_memory_bytes(default: int = 4 * 2**30) -> int:
@@ -85,12 +84,12 @@ class measure:
         self.interval = interval_s
         self.result = Measurement()
         self._stop = threading.Event()
-        self._source: str | None = None
+        self._rss: Callable[[], int] | None = None
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, rss_bytes(self._source))
+            self._peak = max(self._peak, self._rss())
 
     def __enter__(self) -> Measurement:
         if self.device.type == "cuda":
@@ -98,9 +97,10 @@ class measure:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._source = rss_source()
-            self._base = self._peak = rss_bytes(self._source)
-            if self._source is not None:
+            reader = rss_reader()
+            if reader is not None:
+                self._rss = reader[1]
+                self._base = self._peak = self._rss()
                 self._thread = threading.Thread(target=self._sample, daemon=True)
                 self._thread.start()
         self._start = time.perf_counter()
@@ -114,11 +114,11 @@ class measure:
             self.result.memory_kind = "cuda allocated"
             return
         self.result.seconds = time.perf_counter() - self._start
-        if self._source is None:
+        if self._rss is None:
             self.result.peak_memory_bytes, self.result.memory_kind = None, NO_SOURCE
             return
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, rss_bytes(self._source))
+        self._peak = max(self._peak, self._rss())
         self.result.peak_memory_bytes = self._peak - self._base
         self.result.memory_kind = "cpu rss"
