@@ -96,8 +96,11 @@ def kept_pins(versions: Callable[[str], str | None]) -> list[str]:
 def pip_arguments(missing: list[str], versions: Callable[[str], str | None]) -> list[str]:
     """The one pip call installing the import names ``missing`` next to the installed torch."""
     torch_version = versions("torch")
-    if torch_version is None:
-        raise DependencyError("PyTorch is not installed; install it first (the PyTorch extension installs a GPU build)")
+    if torch_version is None:  # importable, but pip does not know it (a source build): pip could replace it
+        raise DependencyError(
+            "the installed PyTorch has no package metadata, so pip cannot be told to keep it; install "
+            f"{', '.join(dict(PACKAGES)[name] or 'monai>=1.3' for name in missing)} yourself and retry"
+        )
     requirements = dict(PACKAGES)
     chosen = [requirements[name] or monai_requirement(torch_version) for name in missing]
     return chosen + kept_pins(versions)
