@@ -49,3 +49,15 @@ def test_explain_accepts_a_bundles_inference_json_as_the_model(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "explanation.json").read_text(encoding="utf-8"))
     assert record["model"]["format"] == "monai-bundle" and record["model"]["source"] == str(picked.parents[1])
+
+
+def test_the_workers_model_cache_keys_a_picked_config_file_as_its_bundle(bundle):
+    from xaioverlay.worker import ModelCache
+
+    loaded = []
+    cache = ModelCache(loader=lambda path, device, amp: loaded.append(path) or object())
+    first, hit = cache.get(str(bundle / "configs" / "inference.json"))
+    assert not hit and loaded == [str(bundle)]
+    assert cache.get(str(bundle)) == (first, True)
+    (bundle / "models" / "model.pt").write_text("retrained", encoding="utf-8")  # new weights: a new key
+    assert cache.get(str(bundle / "configs" / "inference.json"))[1] is False

@@ -79,8 +79,10 @@ class ModelCache:
         self.models: OrderedDict[tuple, object] = OrderedDict()
 
     def get(self, path: str, device: str = "auto", amp: bool = False):
+        from .model_files import resolve_model_path
         from .models import load_model
 
+        path = str(resolve_model_path(path))  # a bundle's inference.json is the bundle: its weights count too
         key = (model_signature(Path(path)) if Path(path).exists() else (path,), device, bool(amp))
         if key in self.models:
             self.models.move_to_end(key)
