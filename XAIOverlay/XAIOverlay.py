@@ -191,7 +191,8 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- model and methods -------------------------------------------------------------------------
     def onChooseModelFolder(self) -> None:
-        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a MONAI bundle folder"), str(self._parameterNode.modelPath))
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a MONAI bundle folder"),
+                                                     str(self._parameterNode.modelPath))
         if folder:
             self._parameterNode.modelPath = pathlib.Path(folder)
 

@@ -136,7 +136,8 @@ FAKE_SLICER = {
                           "set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Nothing.cmake)\n"
                           "set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Describe.cmake)\n"
                           "set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/qt-scripted-modules)\n",
-    "UseSlicer.cmake": "macro(slicerMacroBuildScriptedModule)\nendmacro()\nmacro(slicer_add_python_unittest)\nendmacro()\n",
+    "UseSlicer.cmake": "macro(slicerMacroBuildScriptedModule)\nendmacro()\n"
+                       "macro(slicer_add_python_unittest)\nendmacro()\n",
     "Nothing.cmake": "",
     "Describe.cmake": 'file(WRITE ${CMAKE_BINARY_DIR}/description.json "{\\"homepage\\": \\"${EXTENSION_HOMEPAGE}\\", '
                       '\\"icon\\": \\"${EXTENSION_ICONURL}\\", \\"screenshots\\": \\"${EXTENSION_SCREENSHOTURLS}\\"}")\n',
@@ -222,10 +223,12 @@ def test_a_bundle_folder_can_be_chosen_beside_the_path_fields_file_browser():
     allowed: a button beside it opens a folder dialog and sets the model path."""
     layout = next(item for item in ET.parse(UI_FILE).iter("layout") if item.get("name") == "modelPathLayout")
     assert [w.get("name") for w in layout.iter("widget")] == ["modelPathLineEdit", "modelFolderButton"]
-    handler = next(node for node in ast.walk(module_tree()) if isinstance(node, ast.FunctionDef) and node.name == "onChooseModelFolder")
+    handler = next(node for node in ast.walk(module_tree())
+                   if isinstance(node, ast.FunctionDef) and node.name == "onChooseModelFolder")
     body = ast.unparse(handler)
     assert "QFileDialog.getExistingDirectory" in body and "modelPath =" in body
-    assert 'self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)' in MODULE_FILE.read_text(encoding="utf-8")
+    connection = 'self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)'
+    assert connection in MODULE_FILE.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("picked", ["configs/inference.json", "configs/metadata.json", "models/model.pt", "."])
