@@ -55,7 +55,7 @@ SPEC_TRANSFORMS = (
 
 def read_spec(path: Path) -> dict:
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ModelError(f"{path}: not valid YAML/JSON ({str(error).splitlines()[0][:160]})") from None
     if not isinstance(spec, dict):
