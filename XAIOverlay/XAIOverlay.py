@@ -31,7 +31,8 @@ class XAIOverlay(ScriptedLoadableModule):
 Explain a 3D imaging model (MONAI bundle, state dict + spec, TorchScript) on the volumes in the scene:
 Grad-CAM, LRP, occlusion and more as colour-mapped overlays, compared side by side in linked views,
 with a table of runtime and quality per method; then click to the next case.
-See the <a href="https://github.com/REPLACE-WITH-OWNER/XAIOverlay#slicer-module">module documentation</a>.
+Documentation: the "3D Slicer module" section of the extension's README (its source is at the
+extension's homepage, shown in the Extensions Manager).
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer, MONAI and PyTorch. The explanation engine runs in a separate worker process
@@ -128,6 +129,7 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.compareButton.connect("clicked(bool)", lambda: self.onCompare())
         self.ui.describeButton.connect("clicked(bool)", self.onDescribe)
+        self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)
         self.ui.loadFolderButton.connect("clicked(bool)", self.onCasesFromFolder)
         self.ui.useSceneButton.connect("clicked(bool)", self.onCasesFromScene)
         self.ui.previousButton.connect("clicked(bool)", lambda: self.onStep(-1))
@@ -190,6 +192,12 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()  # a threshold change is applied at the next tick
 
     # --- model and methods -------------------------------------------------------------------------
+    def onChooseModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a MONAI bundle folder"),
+                                                     str(self._parameterNode.modelPath))
+        if folder:
+            self._parameterNode.modelPath = pathlib.Path(folder)
+
     def onDescribe(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot read the model."), waitCursor=True):
             if not self.logic.ensureDependencies():

@@ -110,7 +110,7 @@ class MapCache:
     def get(self, key: str) -> CachedMap | None:
         folder = self.folder(key)
         try:
-            record = json.loads((folder / RECORD_FILE).read_text())
+            record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         path = folder / MAP_FILE
@@ -126,7 +126,7 @@ class MapCache:
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=folder.parent))
         try:
             shutil.copyfile(volume_file, staging / MAP_FILE)
-            (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
+            (staging / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(staging, folder)

@@ -50,12 +50,13 @@ def _case_name(path: Path) -> str:
 
 
 def _holds_dicom(folder: Path) -> bool:
-    for entry in os.scandir(folder):
-        if entry.is_file() and (entry.name.lower().endswith(".dcm") or "." not in entry.name):
-            with open(entry.path, "rb") as handle:
-                handle.seek(128)
-                if handle.read(4) == b"DICM":
-                    return True
+    with os.scandir(folder) as entries:  # closed on the early return: an open handle pins the folder on Windows
+        for entry in entries:
+            if entry.is_file() and (entry.name.lower().endswith(".dcm") or "." not in entry.name):
+                with open(entry.path, "rb") as handle:
+                    handle.seek(128)
+                    if handle.read(4) == b"DICM":
+                        return True
     return False
 
 

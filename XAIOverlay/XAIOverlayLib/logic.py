@@ -110,11 +110,14 @@ def cache_keys(request: ExplainRequest, info: dict, digest: str, target_text: st
 
 
 def model_path(parameters) -> str:
-    """The chosen model, or a one-line error when none is chosen (an unset path reads as ".")."""
+    """The chosen model (a file picked inside a bundle stands for the bundle), or a one-line error when
+    none is chosen (an unset path reads as ".")."""
+    from xaioverlay.model_files import resolve_model_path
+
     path = str(parameters.modelPath)
     if path in ("", "."):
         raise ValueError("choose a model first: a MONAI bundle folder, a spec file (.yaml/.json) or a TorchScript file")
-    return path
+    return str(resolve_model_path(path))
 
 
 def request_from_parameters(parameters) -> ExplainRequest:

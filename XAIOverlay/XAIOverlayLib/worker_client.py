@@ -37,10 +37,16 @@ def default_command() -> list[str]:
 
 
 def worker_environment(base: dict | None = None) -> dict:
-    """The environment for the worker: ``xaioverlay`` importable, output unbuffered."""
+    """The environment for the worker: ``xaioverlay`` importable, output unbuffered, text in UTF-8.
+
+    UTF-8 mode makes the worker's pipes (which this client decodes as UTF-8) and every file a library
+    opens without naming an encoding UTF-8, not the Windows code page (cp1252 and the like).
+    """
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join([str(ENGINE_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONUTF8"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 

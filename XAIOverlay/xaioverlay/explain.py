@@ -18,7 +18,7 @@ from .methods.base import Attribution
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
 from .progress import NO_PROGRESS, Progress
 from .targets import Target, TargetSpec, resolve_target
-from .volumes import Volume, resample_array
+from .volumes import Volume, resample_additive, resample_array
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +128,37 @@ class Explanation:
         }
 
 
-def to_input_grid(values: torch.Tensor, model_input: ModelInput) -> Volume:
-    """A map on the model grid → a float32 :class:`Volume` on the first input's exact grid.
+def to_input_grid(values: torch.Tensor, model_input: ModelInput, *, additive: bool = False) -> tuple[Volume, dict]:
+    """A map on the model grid → a float32 :class:`Volume` on the first input's exact grid, and how it got there.
 
     The model's preprocessing may have reoriented, resampled, cropped or padded the input; the model
-    grid's affine records all of it, so resampling by physical position undoes it (trilinear;
-    zero outside the model's field of view).
+    grid's affine records all of it, so resampling by physical position undoes it (zero outside the
+    model's field of view). Intensities (CAMs, occlusion's mean drop) are interpolated trilinearly;
+    additive maps (each voxel a share of the explained score) are split by overlap volume, so the sum
+    over any region is the same on both grids (see :func:`~xaioverlay.volumes.resample_additive`).
+
+    Returns:
+        (volume, record): the record names the resampling and, for additive maps, the sums on both grids
+        and what fell outside the input's grid.
     """
     array = values.detach().float().cpu().numpy()
     reference = model_input.reference
-    resampled = resample_array(
-        array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="linear"
-    )
-    return Volume(resampled.astype(np.float32), reference, model_input.volumes[0].name)
+    if not additive:
+        resampled = resample_array(
+            array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="linear"
+        )
+        return Volume(resampled.astype(np.float32, copy=False), reference, model_input.volumes[0].name), {
+            "resampling": "trilinear"
+        }
+    resampled = resample_additive(array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras())
+    model_sum, written_sum = float(array.sum(dtype=np.float64)), float(resampled.sum(dtype=np.float64))
+    record = {
+        "resampling": "overlap-volume (sum-preserving)",
+        "sum_model_grid": model_sum,
+        "sum_written": written_sum,
+        "sum_outside_input_grid": model_sum - written_sum,
+    }
+    return Volume(resampled, reference, model_input.volumes[0].name), record
 
 
 def summarise_output(model: LoadedModel, logits: torch.Tensor, model_input: ModelInput) -> dict:
@@ -262,13 +280,14 @@ def explain(
         if any(non_finite.values()):
             log.info("%s", non_finite_warning(method.label, non_finite, values.numel()))
             values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        volume, grid_record = to_input_grid(values, model_input, additive=method.additive)
         results.append(
             MethodResult(
                 spec=method.spec, name=method.name, label=method.label, signed=attribution.signed,
-                volume=to_input_grid(values, model_input), model_grid_map=values.cpu(),
+                volume=volume, model_grid_map=values.cpu(),
                 parameters=attribution.parameters, seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
-                memory_kind=cost.memory_kind, passes=model.passes.as_dict(), extras=attribution.extras,
-                non_finite=non_finite,
+                memory_kind=cost.memory_kind, passes=model.passes.as_dict(),
+                extras={**attribution.extras, "input_grid": grid_record}, non_finite=non_finite,
             )
         )
         log.info("%s: %.2f s, %s", method.label, cost.seconds, model.passes.as_dict())

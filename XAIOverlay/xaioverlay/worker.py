@@ -87,8 +87,10 @@ class ModelCache:
         self.models: OrderedDict[tuple, object] = OrderedDict()
 
     def get(self, path: str, device: str = "auto", amp: bool = False):
+        from .model_files import resolve_model_path
         from .models import load_model
 
+        path = str(resolve_model_path(path))  # a bundle's inference.json is the bundle: its weights count too
         key = (model_signature(Path(path)) if Path(path).exists() else (path,), device, bool(amp))
         if key in self.models:
             self.models.move_to_end(key)
@@ -258,7 +260,7 @@ class Worker:
             write_volume(labels, out / SEGMENTATION_FILE)  # before explanation.json, which completes the set
             segmentation = str(out / SEGMENTATION_FILE)
         write_outputs(explanation, out, montage=bool(request.get("montage", False)))
-        record = json.loads((out / "explanation.json").read_text())
+        record = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
         for method, measured in zip(record["methods"], metrics or []):
             method["metrics"] = measured
         self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation,

@@ -80,6 +80,7 @@ class LRP(Method):
     name = "lrp"
     label = "LRP"
     signed = True
+    additive = True
     needs_internals = True
     summary = f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or {', '.join(c for c in COMPOSITES if c != DEFAULT)})"
 

@@ -22,6 +22,7 @@ import torch
 
 from ... import sliding
 from ...errors import ModelError
+from ...measure import available_memory_bytes
 from ...models.base import LoadedModel
 from ...targets import Target
 from . import boxes as bx
@@ -172,14 +173,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
+    return available_memory_bytes()
 
 
 def first_batch_size(device: torch.device, item_bytes: int, engine: str) -> int:
