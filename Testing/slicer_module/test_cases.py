@@ -64,7 +64,7 @@ def test_loaded_cases_keep_their_files_geometry_dicom_included(scene, case_folde
         expected = read_volume(case.path)
         np.testing.assert_allclose(nodes.ijk_to_ras(node), expected.geometry.ijk_to_ras(), atol=1e-4)
         assert np.array_equal(np.asarray(nodes.voxels(node)), expected.array)
-        assert nodes.attribute(node, "caseDigest") == case.file_digest()
+        assert nodes.content_digest([node]) == nodes.combine_digests([case.file_digest()])  # known by its file
 
 
 def test_scene_case_list_skips_the_modules_maps_and_label_maps(scene, logic, models, lesion_case):

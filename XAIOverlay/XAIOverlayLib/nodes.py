@@ -17,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .cache import volume_digest
+from .cache import file_digest, volume_digest
 
 #: Prefix of every node attribute the module sets.
 PREFIX = "XAIOverlay."
@@ -137,11 +137,11 @@ class VolumeSnapshot:
 
     array: np.ndarray  # (X, Y, Z), a copy
     ijk_to_ras: np.ndarray  # 4×4
-    case_digest: str | None = None  # see unchanged_case_digest
+    case: tuple[str, str] | None = None  # see unchanged_case
 
     def digest(self) -> str:
-        """The same text :func:`content_digest` gives the node for this channel."""
-        return self.case_digest or volume_digest(self.array, self.ijk_to_ras)
+        """The same text :func:`content_digest` gives the node for this channel (it may read the case file)."""
+        return case_digest(self.case) if self.case else volume_digest(self.array, self.ijk_to_ras)
 
     def write(self, path: str | Path) -> Path:
         """Write the voxels to NRRD (uncompressed, atomically) on their exact grid."""
@@ -153,14 +153,22 @@ class VolumeSnapshot:
 
 def snapshot(node) -> VolumeSnapshot:
     """Copy a volume node's voxels and geometry (fast: one memory copy) for work off the main thread."""
-    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), unchanged_case_digest(node))
+    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), unchanged_case(node))
 
 
-def unchanged_case_digest(node) -> str | None:
-    """The digest of the case file the node was loaded from while the node has not changed since (same
-    :func:`loaded_stamp`), else None."""
-    case = attribute(node, "caseDigest")
-    return case if case and attribute(node, "caseStamp") == loaded_stamp(node) else None
+def unchanged_case(node) -> tuple[str, str] | None:
+    """(the file's digest, "" while not computed yet; its path) of the case file the node was loaded
+    from, while the node has not changed since (same :func:`loaded_stamp`); else None."""
+    path = attribute(node, "casePath")
+    if not path or attribute(node, "caseStamp") != loaded_stamp(node):
+        return None
+    return attribute(node, "caseDigest") or "", path
+
+
+def case_digest(case: tuple[str, str]) -> str:
+    """The case file's digest: the one recorded, or read from the file (no MRML: any thread)."""
+    digest, path = case
+    return digest or file_digest(path)
 
 
 def content_digest(nodes: Iterable) -> str:
@@ -170,7 +178,11 @@ def content_digest(nodes: Iterable) -> str:
     that file's digest (``XAIOverlay.caseDigest``), so a case explained in the background before it
     was loaded is found again once it is; once edited or hardened it is known by its voxels.
     """
-    return combine_digests([unchanged_case_digest(node) or voxel_digest(node) for node in nodes])
+    def digest(node) -> str:
+        case = unchanged_case(node)
+        return case_digest(case) if case else voxel_digest(node)
+
+    return combine_digests([digest(node) for node in nodes])
 
 
 def combine_digests(digests: Iterable[str]) -> str:
