@@ -148,3 +148,17 @@ def scene_node_ids(scene) -> list[str]:
     collection = scene.GetNodes()
     return sorted(collection.GetItemAsObject(i).GetID() for i in range(collection.GetNumberOfItems()))
 
+
+
+def describe_now(logic, model, timeout: float = 120.0) -> dict:
+    """The model's description, processing the logic's events until it arrives (its callback)."""
+    import time
+
+    answers: list = []
+    logic.describe(str(model), then=answers.append, failed=answers.append)
+    deadline = time.monotonic() + timeout
+    while not answers:
+        assert time.monotonic() < deadline, f"no description of {model} within {timeout} s"
+        logic.process_events(0.1)
+    assert isinstance(answers[0], dict), answers[0]
+    return answers[0]

@@ -141,7 +141,7 @@ def test_an_edited_volume_is_explained_again_and_an_unchanged_one_is_not(scene, 
         node = load_volume(scene, path, "CT_1")
     first = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))
     assert first.state == "done", first.error
-    again = logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"]))
+    again = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))
     assert again.state == "done" and again.request_id is None  # unchanged: from the cache
     _edit_one_voxel(node)  # voxel (0, 0, 0), outside the head, now the brightest
     edited = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))

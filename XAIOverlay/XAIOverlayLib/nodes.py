@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -16,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .cache import volume_digest
+from .cache import file_digest, volume_digest
 
 #: Prefix of every node attribute the module sets.
 PREFIX = "XAIOverlay."
@@ -129,6 +130,47 @@ def loaded_stamp(node) -> str:
     return json.dumps([image.GetMTime() if image is not None else 0, np.round(ijk_to_ras(node), 6).tolist()])
 
 
+@dataclass(frozen=True)
+class VolumeSnapshot:
+    """A volume's voxels and geometry copied on the main thread (:func:`snapshot`), so that hashing and
+    writing them can run on another thread without touching MRML or VTK."""
+
+    array: np.ndarray  # (X, Y, Z), a copy
+    ijk_to_ras: np.ndarray  # 4×4
+    case: tuple[str, str] | None = None  # see unchanged_case
+
+    def digest(self) -> str:
+        """The same text :func:`content_digest` gives the node for this channel (it may read the case file)."""
+        return case_digest(self.case) if self.case else volume_digest(self.array, self.ijk_to_ras)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the voxels to NRRD (uncompressed, atomically) on their exact grid."""
+        from xaioverlay.volumes import Geometry, Volume, write_volume
+
+        geometry = Geometry.from_ijk_to_ras(self.ijk_to_ras, self.array.shape)
+        return write_volume(Volume(self.array, geometry), path, compress=False)
+
+
+def snapshot(node) -> VolumeSnapshot:
+    """Copy a volume node's voxels and geometry (fast: one memory copy) for work off the main thread."""
+    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), unchanged_case(node))
+
+
+def unchanged_case(node) -> tuple[str, str] | None:
+    """(the file's digest, "" while not computed yet; its path) of the case file the node was loaded
+    from, while the node has not changed since (same :func:`loaded_stamp`); else None."""
+    path = attribute(node, "casePath")
+    if not path or attribute(node, "caseStamp") != loaded_stamp(node):
+        return None
+    return attribute(node, "caseDigest") or "", path
+
+
+def case_digest(case: tuple[str, str]) -> str:
+    """The case file's digest: the one recorded, or read from the file (no MRML: any thread)."""
+    digest, path = case
+    return digest or file_digest(path)
+
+
 def content_digest(nodes: Iterable) -> str:
     """The identity of one multi-channel input, for the map cache: its current voxels and geometry.
 
@@ -137,10 +179,8 @@ def content_digest(nodes: Iterable) -> str:
     was loaded is found again once it is; once edited or hardened it is known by its voxels.
     """
     def digest(node) -> str:
-        case = attribute(node, "caseDigest")
-        if case and attribute(node, "caseStamp") == loaded_stamp(node):
-            return case
-        return voxel_digest(node)
+        case = unchanged_case(node)
+        return case_digest(case) if case else voxel_digest(node)
 
     return combine_digests([digest(node) for node in nodes])
 
