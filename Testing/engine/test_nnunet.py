@@ -124,6 +124,18 @@ def test_model_grid_affine_places_every_voxel_where_it_was():
     np.testing.assert_allclose(data[0][inner].ravel(), positions @ slope + 100.0, atol=1e-4)
 
 
+def test_tiles_and_gaussian_are_placed_and_shaped_as_nnunets():
+    nnunetv2()
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    from xaioverlay.sliding import nnunet_gaussian, nnunet_starts
+
+    for size in (16, 21, 26, 40, 67, 100):
+        assert nnunet_starts(size, 16, 0.5) == compute_steps_for_sliding_window((size,), (16,), 0.5)[0], size
+    theirs = compute_gaussian((16, 12, 20), 1 / 8, 1, dtype=torch.float64, device=torch.device("cpu"))
+    torch.testing.assert_close(nnunet_gaussian((16, 12, 20)).double(), theirs / theirs.max(), rtol=1e-6, atol=1e-12)
+
+
 # --- prediction -------------------------------------------------------------------------------------
 def test_prediction_equals_nnunets_predictor(folder, tmp_path):
     """Our logits on the model grid and labels on the input grid against nnUNetPredictor (one fold and

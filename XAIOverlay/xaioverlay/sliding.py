@@ -95,19 +95,21 @@ def blend_weights(window: SlidingWindow, spatial: Sequence[int], device: torch.d
 
 def nnunet_gaussian(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
     """nnU-Net's importance map, shape ``roi``: a unit impulse at voxel ``roi // 2`` filtered by a Gaussian of
-    σ = ``roi · sigma_scale`` (zero outside the tile), scaled to a maximum of 10 and held in float16 as nnU-Net's
-    predictor holds it (far corners underflow to 0), zeros then raised to the smallest positive value."""
+    σ = ``roi · sigma_scale`` (zero outside the tile), scaled to a maximum of 1, zeros raised to the smallest
+    positive value so every voxel counts. (nnU-Net holds it and the blended sum in float16; float32 here.)"""
     from scipy.ndimage import gaussian_filter
 
     impulse = np.zeros(tuple(roi))
     impulse[tuple(r // 2 for r in roi)] = 1.0
     smooth = gaussian_filter(impulse, [r * sigma_scale for r in roi], 0, mode="constant", cval=0)
-    smooth = (smooth * (10.0 / smooth.max())).astype(np.float16)
+    smooth /= smooth.max()
     smooth[smooth == 0] = smooth[smooth > 0].min()
-    return torch.from_numpy(smooth.astype(np.float32))
+    return torch.from_numpy(smooth).float()
 
 
-def blended_output(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: SlidingWindow) -> torch.Tensor:
+def blended_output(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: SlidingWindow
+) -> torch.Tensor:
     """Whole-volume output blended from windows as :func:`blend_weights` places and weighs them.
 
     Args:

@@ -6,15 +6,16 @@ from the configuration's ``architecture`` with ``dynamic_network_architectures``
 (deep supervision off); only the U-Net classes and ``torch.nn`` layer types named in this module are
 accepted, never an arbitrary import string from the file.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` and an allow-list of the two harmless numpy
-types nnU-Net's trainer writes besides tensors (numpy scalars in its training log); anything else in the
-file is refused, so a checkpoint cannot run code. Only ``network_weights`` and the configuration name are
+Checkpoints are read with ``torch.load(weights_only=True)`` and an allow-list of numpy's scalar and dtype
+types, what nnU-Net's trainer writes besides tensors (numpy scalars in its training log); anything else in
+the file is refused, so a checkpoint cannot run code. Only ``network_weights`` and the configuration name are
 used.
 
 Several folds form an ensemble whose logits are the mean of the folds' logits, as nnU-Net's predictor
 averages them before its softmax/sigmoid; explanations explain that mean. The mean is linear, so gradients
 and LRP pass through it unchanged: a gradient map (and LRP's relevance, which is conserved) of the ensemble
-is the mean of the folds' maps.
+is the mean of the folds' maps. A CAM hooks one layer, which in an ensemble belongs to one fold: its map
+is that fold's, scaled by 1/number of folds.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def outputs_of(dataset: dict, source: Path) -> tuple[list[str], str]:
         return names, "sigmoid"
     by_value = {int(v[0] if isinstance(v, (list, tuple)) else v): k for k, v in labels.items()}
     if sorted(by_value) != list(range(len(by_value))):
-        raise ModelError(f"{source}: dataset.json labels {sorted(by_value)} are not consecutive from 0, as nnU-Net needs")
+        raise ModelError(f"{source}: dataset.json labels {sorted(by_value)} are not consecutive from 0, "
+                         "as nnU-Net needs")
     return [by_value[i] for i in range(len(by_value))], "softmax"
 
 

@@ -49,12 +49,16 @@ def nnunet_axes(transpose_forward: Sequence[int]) -> np.ndarray:
     return permutation
 
 
-def nonzero_box(data: np.ndarray) -> tuple[slice, slice, slice]:
-    """Bounding box of voxels non-zero in any channel (holes filled, as nnU-Net); the whole volume when
-    every voxel is zero. ``data``: (C, X, Y, Z)."""
+def nonzero_mask(data: np.ndarray) -> np.ndarray:
+    """Voxels non-zero in any channel, holes filled (nnU-Net's crop and normalisation mask).
+    ``data``: (C, X, Y, Z) → (X, Y, Z) bool."""
     from scipy.ndimage import binary_fill_holes
 
-    mask = binary_fill_holes((data != 0).any(0))
+    return binary_fill_holes((data != 0).any(0))
+
+
+def mask_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of ``mask``; the whole volume when it is empty (as nnU-Net)."""
     if not mask.any():
         return tuple(slice(0, n) for n in mask.shape)
     box = []
@@ -168,13 +172,9 @@ def preprocess_array(array: np.ndarray, ijk_to_ras: np.ndarray, plan: Plan) -> t
     order = [2 - int(t) for t in plan.transpose_forward]  # nnU-Net axis n = volume axis order[n]
     data = np.transpose(array, (0, *[1 + o for o in order])).astype(np.float32)
     spacing = spacing_ijk[order]
-    box = nonzero_box(data)
-    data = data[(slice(None), *box)]
-    mask = None
-    if any(plan.use_mask_for_norm):
-        from scipy.ndimage import binary_fill_holes
-
-        mask = binary_fill_holes((data != 0).any(0))
+    mask = nonzero_mask(data)
+    box = mask_box(mask)
+    data, mask = data[(slice(None), *box)], mask[box]
     data = np.stack([
         normalise(data[c], plan.schemes[c], mask if plan.use_mask_for_norm[c] else None, plan.intensity_properties[c])
         for c in range(data.shape[0])
