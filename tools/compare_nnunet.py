@@ -1,0 +1,91 @@
+"""XAIOverlay's segmentation of an nnU-Net v2 model against nnU-Net's own ``nnUNetPredictor``.
+
+Writes phantoms in three geometries (axis-aligned isotropic; oblique 1.2×1.0×2.5 mm; oblique 0.8×0.8×3.5 mm,
+anisotropic beyond nnU-Net's threshold of 3), runs nnU-Net's predictor on the files and XAIOverlay's engine
+on the same volumes, and prints per geometry the Dice of each foreground class between the two label maps
+on the input grid and the largest logit difference on the model grid.
+
+    python tools/compare_nnunet.py --model Dataset…/nnUNetTrainer__nnUNetPlans__3d_fullres [--folds 0]
+    python tools/compare_nnunet.py          # a tiny random-weight model folder written like the tests'
+
+Needs ``nnunetv2`` (see the README, nnU-Net section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "XAIOverlay"), str(ROOT / "Testing"), str(ROOT / "Testing" / "engine")]
+
+from conftest import blob_volume, oblique_geometry  # noqa: E402
+from xaioverlay.explain import to_input_grid  # noqa: E402
+from xaioverlay.models import load_model  # noqa: E402
+from xaioverlay.volumes import Geometry, write_volume  # noqa: E402
+
+GEOMETRIES = {
+    "axis-aligned 1.5 mm": Geometry((40, 40, 30), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0)),
+    "oblique 1.2x1.0x2.5 mm": oblique_geometry(size=(40, 36, 16), spacing=(1.2, 1.0, 2.5)),
+    "oblique 0.8x0.8x3.5 mm": oblique_geometry(size=(56, 50, 12), spacing=(0.8, 0.8, 3.5)),
+}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--folds", default=None)
+    args = parser.parse_args()
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    work = Path(tempfile.mkdtemp(prefix="compare-nnunet-"))
+    folder = args.model
+    if folder is None:
+        from nnunet_folder import write_model_folder
+
+        folder = write_model_folder(work, folds=(0,))
+    model = load_model(folder, device="cpu", folds=args.folds)
+    folds = [f.strip() for f in args.folds.split(",")] if args.folds else None
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(
+        str(folder), [int(f) if f.isdigit() else f for f in folds] if folds else None, "checkpoint_final.pth")
+    print(f"model: {model.model_id}; classes: {model.class_names}")
+    for seed, (name, geometry) in enumerate(GEOMETRIES.items()):
+        centre = geometry.ijk_to_ras_points([[s // 2 for s in geometry.size]])[0]
+        volume = blob_volume(geometry, centre, 9.0, value=2.0, background=0.5, noise=0.2, seed=seed)
+        path = write_volume(volume, work / f"case{seed}_0000.nii.gz")
+        image, properties = SimpleITKIO().read_images([str(path)])
+        segmentation = predictor.predict_single_npy_array(image, properties, None, None, False).transpose(2, 1, 0)
+        data, _, _ = DefaultPreprocessor(verbose=False).run_case_npy(
+            image, None, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+        theirs = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
+
+        model_input = model.preprocess([volume])
+        logits = model.infer(model_input.tensor)[0]
+        probabilities = model.probabilities(logits[None])[0]
+        ours = np.stack([to_input_grid(p, model_input).array for p in probabilities])
+        labels = ours.argmax(0) if model.activation == "softmax" else None
+        if labels is None:
+            print(f"{name}: region models are compared on the model grid only")
+        scores = ", ".join(f"{c}={dice(labels == i, segmentation == i):.4f}"
+                           for i, c in enumerate(model.class_names) if i > 0) if labels is not None else ""
+        print(f"{name}: Dice {scores}; model grid {tuple(logits.shape[1:])}: "
+              f"max |logit difference| {float((theirs - logits).abs().max()):.4f}, "
+              f"median {float((theirs - logits).abs().median()):.5f}")
+
+
+if __name__ == "__main__":
+    main()
