@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "XAIOverlay"), str(ROOT / "Testing"), str(ROOT / "Testing" / "engine")]
+sys.path[:0] = [str(ROOT / "XAIOverlay"), str(ROOT / "Testing")]
 
 from conftest import blob_volume, oblique_geometry  # noqa: E402
 from xaioverlay.explain import to_input_grid  # noqa: E402

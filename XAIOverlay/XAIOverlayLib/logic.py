@@ -43,6 +43,7 @@ class ExplainRequest:
     device: str = "auto"
     evaluate: bool = False  # measure every map (xaioverlay.metrics): faithfulness, localisation, sanity
     reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
+    model_options: dict = field(default_factory=dict)  # nnU-Net folders: {"folds": "0,1"}
 
 
 @dataclass
@@ -89,7 +90,8 @@ def model_path(parameters) -> str:
     """The chosen model, or a one-line error when none is chosen (an unset path reads as ".")."""
     path = str(parameters.modelPath)
     if path in ("", "."):
-        raise ValueError("choose a model first: a MONAI bundle folder, a spec file (.yaml/.json) or a TorchScript file")
+        raise ValueError("choose a model first: an nnU-Net trained-model folder, a MONAI bundle folder, a spec file "
+                         "(.yaml/.json) or a TorchScript file")
     return path
 
 
@@ -107,7 +109,13 @@ def request_from_parameters(parameters) -> ExplainRequest:
     methods = [spec.strip() for spec in parameters.methods.split(",") if spec.strip()]
     return ExplainRequest(volumes, model_path(parameters), methods, target, parameters.score.value,
                           parameters.camLayer.strip(), parameters.device.value, parameters.measureQuality,
-                          parameters.referenceSegmentation)
+                          parameters.referenceSegmentation, model_options(parameters))
+
+
+def model_options(parameters) -> dict:
+    """Format options of the module's parameters (only nnU-Net folders take any: the folds)."""
+    folds = parameters.nnunetFolds.replace(" ", "")
+    return {"folds": folds} if folds else {}
 
 
 def model_display_name(path: str) -> str:
@@ -141,11 +149,13 @@ class OverlayLogic:
         self.compare_tags: list[str] = []
 
     # --- the model ---------------------------------------------------------------------------------
-    def describe(self, model: str, device: str = "auto", timeout: float = 300.0) -> dict:
-        """The model's description (task, class names, methods it allows); asks the worker once per model."""
-        fingerprint = model_fingerprint(model)
+    def describe(self, model: str, device: str = "auto", timeout: float = 300.0, options: dict | None = None) -> dict:
+        """The model's description (task, class names, methods it allows); asks the worker once per model
+        and options (nnU-Net folds)."""
+        fingerprint = model_fingerprint(model, options)
         if fingerprint not in self.models:
-            request_id = self.client.send({"command": "describe", "model": str(model), "device": device})
+            request_id = self.client.send({"command": "describe", "model": str(model), "device": device,
+                                           "model_options": options or {}})
             deadline = time.monotonic() + timeout
             while fingerprint not in self.models:
                 for event in self.client.poll(0.1):
@@ -167,11 +177,11 @@ class OverlayLogic:
             raise ValueError("no input volume; choose the volume to explain")
         if not request.methods:
             raise ValueError("no method chosen; choose at least one method to compute")
-        info = self.describe(request.model, request.device)
+        info = self.describe(request.model, request.device, options=request.model_options)
         target = replace(request.target, task=info["task"])
         anatomy = request.volumes[0]
         digest = nodes.content_digest(request.volumes)
-        fingerprint = model_fingerprint(request.model)
+        fingerprint = model_fingerprint(request.model, request.model_options)
         workdir = Path(tempfile.mkdtemp(prefix="xaioverlay-job-"))
         try:
             target_spec, target_text = build_target(target, anatomy, workdir)
@@ -211,6 +221,7 @@ class OverlayLogic:
         job.status = "starting the worker" if not self.client.running else "queued"
         job.request_id = self.client.send({
             "command": "explain", "model": str(request.model), "device": request.device, "inputs": inputs,
+            "model_options": request.model_options,
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
             "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask,
@@ -227,7 +238,7 @@ class OverlayLogic:
             return None
         if any(job.background for job in self.jobs.values() if not job.finished):
             return None  # one background run at a time; checked before any hashing
-        info = self.describe(template.model, template.device)
+        info = self.describe(template.model, template.device, options=template.model_options)
         target = replace(template.target, task=info["task"])  # the request's own task is not known before
         if target.needs_region_node:
             return None
@@ -236,7 +247,7 @@ class OverlayLogic:
             return None
         # a file case not loaded yet is known by its file's digest, as its node will be once loaded
         digest = nodes.content_digest([volume]) if volume is not None else nodes.combine_digests([case.file_digest()])
-        fingerprint = model_fingerprint(template.model)
+        fingerprint = model_fingerprint(template.model, template.model_options)
         target_spec, target_text = build_target(target, None, None)  # a class or the predicted region: no file
         _, measured = measurement(template, None, None)
         keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer, measured)

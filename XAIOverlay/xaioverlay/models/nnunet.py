@@ -21,6 +21,7 @@ is that fold's, scaled by 1/number of folds.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import pickle
@@ -214,6 +215,11 @@ def fold_folders(path: Path, folds: str | None, checkpoint: str) -> list[Path]:
 def load(path: Path, device: torch.device, amp: bool = False, *, folds: str | None = None,
          checkpoint: str = "final") -> LoadedModel:
     """Load an nnU-Net v2 trained-model folder (see the module docstring)."""
+    missing = [name for name, module in (("scipy", "scipy"), ("scikit-image", "skimage"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ModelError(f"nnU-Net models need {' and '.join(missing)} for nnU-Net's resampling: "
+                         f"pip install {' '.join(missing)} (or pip install 'xaioverlay[nnunet]')")
     dataset = read_json(path / "dataset.json")
     plans = read_json(path / "plans.json")
     folders = fold_folders(path, folds, checkpoint)
