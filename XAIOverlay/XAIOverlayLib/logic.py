@@ -114,7 +114,7 @@ def request_from_parameters(parameters) -> ExplainRequest:
 
 def model_options(parameters) -> dict:
     """Format options of the module's parameters (only nnU-Net folders take any: the folds)."""
-    folds = parameters.nnunetFolds.replace(" ", "")
+    folds = (parameters.nnunetFolds or "").replace(" ", "")
     return {"folds": folds} if folds else {}
 
 
