@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--folds", default=None)
     args = parser.parse_args()
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
@@ -69,7 +70,7 @@ def main() -> None:
         path = write_volume(volume, work / f"case{seed}_0000.nii.gz")
         image, properties = SimpleITKIO().read_images([str(path)])
         segmentation = predictor.predict_single_npy_array(image, properties, None, None, False).transpose(2, 1, 0)
-        data, _, _ = DefaultPreprocessor(verbose=False).run_case_npy(
+        data, _, preprocessed = DefaultPreprocessor(verbose=False).run_case_npy(
             image, None, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
         theirs = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
 
@@ -80,9 +81,15 @@ def main() -> None:
         labels = ours.argmax(0) if model.activation == "softmax" else None
         if labels is None:
             print(f"{name}: region models are compared on the model grid only")
-        scores = ", ".join(f"{c}={dice(labels == i, segmentation == i):.4f}"
-                           for i, c in enumerate(model.class_names) if i > 0) if labels is not None else ""
-        print(f"{name}: Dice {scores}; model grid {tuple(logits.shape[1:])}: "
+            continue
+        # our logits returned to the input grid by nnU-Net's own export (its resampling and un-cropping)
+        exported = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.clone(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+            preprocessed).transpose(2, 1, 0)
+        scores = ", ".join(f"{c}={dice(labels == i, segmentation == i):.4f}" for i, c in enumerate(model.class_names) if i)
+        through = ", ".join(f"{c}={dice(exported == i, segmentation == i):.4f}"
+                            for i, c in enumerate(model.class_names) if i)
+        print(f"{name}: Dice {scores} (our logits through nnU-Net's export: {through}); model grid {tuple(logits.shape[1:])}: "
               f"max |logit difference| {float((theirs - logits).abs().max()):.4f}, "
               f"median {float((theirs - logits).abs().median()):.5f}")
 

@@ -76,6 +76,24 @@ def test_network_is_built_as_nnunet_builds_it(folder):
         assert torch.equal(ours(x), theirs.eval()(x))
 
 
+def test_residual_encoder_unet_plans_build_as_nnunet_builds_them():
+    """nnU-Net's ResEnc presets name ResidualEncoderUNet with n_blocks_per_stage."""
+    nnunetv2()
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from xaioverlay.models.nnunet import build_network
+
+    architecture = make_plans()["configurations"][CONFIGURATION]["architecture"]
+    architecture["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    kwargs = architecture["arch_kwargs"]
+    kwargs["n_blocks_per_stage"] = [1, 2, 2]
+    del kwargs["n_conv_per_stage"]
+    ours = build_network(architecture, 2, 3, Path("plans.json"))
+    theirs = get_network_from_plans(architecture["network_class_name"], kwargs, architecture["_kw_requires_import"],
+                                    2, 3, deep_supervision=False)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
 # --- preprocessing and geometry --------------------------------------------------------------------
 @pytest.mark.parametrize("transpose_forward, scheme, use_mask", [
     ((0, 1, 2), "ZScoreNormalization", False),
