@@ -86,12 +86,12 @@ def main() -> None:
         exported = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits.clone(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
             preprocessed).transpose(2, 1, 0)
-        scores = ", ".join(f"{c}={dice(labels == i, segmentation == i):.4f}" for i, c in enumerate(model.class_names) if i)
-        through = ", ".join(f"{c}={dice(exported == i, segmentation == i):.4f}"
-                            for i, c in enumerate(model.class_names) if i)
-        print(f"{name}: Dice {scores} (our logits through nnU-Net's export: {through}); model grid {tuple(logits.shape[1:])}: "
-              f"max |logit difference| {float((theirs - logits).abs().max()):.4f}, "
-              f"median {float((theirs - logits).abs().median()):.5f}")
+        scores, through = (", ".join(f"{c}={dice(found == i, segmentation == i):.4f}"
+                                     for i, c in enumerate(model.class_names) if i) for found in (labels, exported))
+        difference = (theirs - logits).abs()
+        print(f"{name}: Dice {scores} (our logits through nnU-Net's export: {through}); "
+              f"model grid {tuple(logits.shape[1:])}: max |logit difference| {float(difference.max()):.4f}, "
+              f"median {float(difference.median()):.5f}")
 
 
 if __name__ == "__main__":
