@@ -45,13 +45,13 @@ def folder(tmp_path_factory) -> Path:
     return write_model_folder(tmp_path_factory.mktemp("nnunet"), folds=(0, 1))
 
 
-def nnunet_reference(folder: Path, folds, image_file: Path):
+def nnunet_reference(folder: Path, folds, image_file: Path, mirroring: bool = False):
     """nnU-Net's own predictor on a file: (segmentation, probabilities, properties, predictor), arrays [i, j, k]."""
     nnunetv2()
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=folds, checkpoint_name="checkpoint_final.pth")
     image, properties = SimpleITKIO().read_images([str(image_file)])
@@ -155,6 +155,22 @@ def test_tiles_and_gaussian_are_placed_and_shaped_as_nnunets():
 
 
 # --- prediction -------------------------------------------------------------------------------------
+def nnunet_logits(predictor, image_file: Path) -> torch.Tensor:
+    """nnU-Net's logits on its own preprocessed array (model grid), (K, X, Y, Z)."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    image, properties = predictor.plans_manager.image_reader_writer_class().read_images([str(image_file)])
+    data, _, _ = DefaultPreprocessor(verbose=False).run_case_npy(
+        image, None, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+    return predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
+
+
+def assert_logits_agree(theirs: torch.Tensor, ours: torch.Tensor) -> None:
+    difference = (theirs - ours).abs()
+    assert float(difference.median()) < 2e-3 and float(difference.flatten().quantile(0.99)) < 0.1
+    assert float((theirs.argmax(0) == ours.argmax(0)).float().mean()) > 0.99
+
+
 def test_prediction_equals_nnunets_predictor(folder, tmp_path):
     """Our logits on the model grid and labels on the input grid against nnUNetPredictor (one fold and
     the two-fold ensemble). nnU-Net accumulates the windows in float16; we keep float32, so logits agree
@@ -169,18 +185,26 @@ def test_prediction_equals_nnunets_predictor(folder, tmp_path):
         logits = model.infer(model_input.tensor)[0]
         segmentation, probabilities, _, _, predictor = nnunet_reference(
             folder, tuple(int(f) for f in folds.split(",")), image_file)
-        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-
-        image, properties = predictor.plans_manager.image_reader_writer_class().read_images([str(image_file)])
-        data, _, _ = DefaultPreprocessor(verbose=False).run_case_npy(
-            image, None, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
-        theirs = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
-        difference = (theirs - logits).abs()
-        assert float(difference.median()) < 2e-3 and float(difference.flatten().quantile(0.99)) < 0.1
-        assert float((theirs.argmax(0) == logits.argmax(0)).float().mean()) > 0.99
+        assert_logits_agree(nnunet_logits(predictor, image_file), logits)
         ours = np.stack([to_input_grid(p, model_input).array for p in torch.softmax(logits, 0)]).argmax(0)
         inside = volume.array != 0
         assert (ours == segmentation)[inside].mean() > 0.99
+
+
+def test_mirroring_tta_equals_nnunets_and_explanations_run_through_it(folder, tmp_path):
+    volume = phantom(spacing=(1.2, 1.0, 2.5))
+    image_file = write_volume(volume, tmp_path / "case_0000.nii.gz")
+    model = load_model(folder, device="cpu", folds="0", tta=True)
+    assert "+tta" in model.model_id
+    logits = model.infer(model.preprocess([volume]).tensor)[0]
+    *_, predictor = nnunet_reference(folder, (0,), image_file, mirroring=True)
+    assert predictor.allowed_mirroring_axes == (0, 1, 2)
+    assert_logits_agree(nnunet_logits(predictor, image_file), logits)
+    plain = load_model(folder, device="cpu", folds="0").infer(model.preprocess([volume]).tensor)[0]
+    assert float((plain - logits).abs().max()) > 0.1  # mirroring changes the output of this network
+    centre = volume.geometry.ijk_to_ras_points([[18, 15, 7]])[0]
+    result = explain(model, [volume], "gxi,lrp", "channel:tumour@point:{:.1f},{:.1f},{:.1f},6".format(*centre))
+    assert all(np.abs(r.volume.array).max() > 0 for r in result.results)
 
 
 def test_fold_ensemble_is_the_mean_of_the_folds_logits(folder):

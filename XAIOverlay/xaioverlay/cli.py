@@ -92,11 +92,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nnU-Net: folds to ensemble (all = fold_all; default: every fold present)")
     parser.add_argument("--checkpoint", default=None, choices=("final", "best"),
                         help="nnU-Net: checkpoint_final.pth (default) or checkpoint_best.pth")
+    parser.add_argument("--tta", action="store_const", const=True, default=None,
+                        help="nnU-Net: mirroring test-time augmentation over the checkpoint's allowed axes")
 
 
 def model_options(args: argparse.Namespace) -> dict:
     """Format-specific model options given on the command line (see :func:`xaioverlay.models.load_model`)."""
-    return {"folds": args.folds, "checkpoint": args.checkpoint}
+    return {"folds": args.folds, "checkpoint": args.checkpoint, "tta": args.tta}
 
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ class ModelFormat:
 
 
 FORMATS = (
-    ModelFormat(nnunet.NAME, nnunet.recognise, nnunet.load, ("folds", "checkpoint")),
+    ModelFormat(nnunet.NAME, nnunet.recognise, nnunet.load, ("folds", "checkpoint", "tta")),
     ModelFormat("MONAI bundle folder (configs/)", is_bundle, load_bundle),
     ModelFormat("state dict + spec (.yaml/.yml/.json)", lambda p: p.is_file() and p.suffix.lower() in SPEC_SUFFIXES,
                 load_spec),
@@ -55,7 +55,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", amp
         path: model folder or file.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: mixed precision on CUDA (ignored on CPU).
-        options: format options left at None are ignored (nnU-Net: ``folds``, ``checkpoint``).
+        options: format options left at None are ignored (nnU-Net: ``folds``, ``checkpoint``, ``tta``).
     """
     path = Path(path)
     known = "; ".join(f.name for f in FORMATS)

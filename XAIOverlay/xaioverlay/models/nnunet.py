@@ -15,13 +15,15 @@ Several folds form an ensemble whose logits are the mean of the folds' logits, a
 averages them before its softmax/sigmoid; explanations explain that mean. The mean is linear, so gradients
 and LRP pass through it unchanged: a gradient map (and LRP's relevance, which is conserved) of the ensemble
 is the mean of the folds' maps. A CAM hooks one layer, which in an ensemble belongs to one fold: its map
-is that fold's, scaled by 1/number of folds.
+is that fold's, scaled by 1/number of folds. Mirroring test-time augmentation (``tta``) wraps the network
+in the same way: the mean over flipped copies of each patch, a linear mean again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import pickle
@@ -69,6 +71,22 @@ class FoldEnsemble(torch.nn.Module):
         return torch.stack([network(x) for network in self.folds]).mean(0)
 
 
+class MirroredTTA(torch.nn.Module):
+    """nnU-Net's mirroring test-time augmentation of one patch: the mean of ``flip(net(flip(x)))`` over no
+    flip and every non-empty combination of the allowed axes (model-grid axes, 0-based)."""
+
+    def __init__(self, network: torch.nn.Module, axes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.network = network
+        self.flips = [()] + [tuple(a + 2 for a in c) for n in range(1, len(axes) + 1)
+                             for c in itertools.combinations(axes, n)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) → (B, K, X, Y, Z)."""
+        outputs = [self.network(x) if not dims else self.network(x.flip(dims)).flip(dims) for dims in self.flips]
+        return torch.stack(outputs).mean(0)
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{path.parent}: {path.name} is missing; give the nnU-Net trained-model folder "
@@ -113,7 +131,9 @@ def load_checkpoint(path: Path) -> dict:
         raise ModelError(f"{path}: not an nnU-Net checkpoint (no 'network_weights' state dict)")
     init_args = payload.get("init_args")
     configuration = init_args.get("configuration") if isinstance(init_args, dict) else None
-    return {"network_weights": weights, "configuration": configuration if isinstance(configuration, str) else None}
+    axes = payload.get("inference_allowed_mirroring_axes")
+    return {"network_weights": weights, "configuration": configuration if isinstance(configuration, str) else None,
+            "mirror_axes": tuple(int(a) for a in axes) if isinstance(axes, (tuple, list)) else None}
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -213,7 +233,7 @@ def fold_folders(path: Path, folds: str | None, checkpoint: str) -> list[Path]:
 
 
 def load(path: Path, device: torch.device, amp: bool = False, *, folds: str | None = None,
-         checkpoint: str = "final") -> LoadedModel:
+         checkpoint: str = "final", tta: bool = False) -> LoadedModel:
     """Load an nnU-Net v2 trained-model folder (see the module docstring)."""
     missing = [name for name, module in (("scipy", "scipy"), ("scikit-image", "skimage"))
                if importlib.util.find_spec(module) is None]
@@ -240,11 +260,17 @@ def load(path: Path, device: torch.device, amp: bool = False, *, folds: str | No
                                 path / "plans.json")
         apply_state_dict(network, content["network_weights"], folder / CHECKPOINTS[checkpoint])
         networks.append(network)
+    network = networks[0] if len(networks) == 1 else FoldEnsemble(networks)
+    mirror_axes = checkpoints[0]["mirror_axes"]
+    if tta and mirror_axes:
+        network = MirroredTTA(network, mirror_axes)
+    elif tta:
+        log.warning("%s: the checkpoint allows no mirroring axes; --tta does nothing", path)
     patch = tuple(int(p) for p in configuration["patch_size"])
     digest = hashlib.sha256("".join(file_digest(f / CHECKPOINTS[checkpoint]) for f in folders).encode()).hexdigest()
     log.info("nnU-Net %s: configuration %s, folds %s", path.name, name, [f.name for f in folders])
     return LoadedModel(
-        network=(networks[0] if len(networks) == 1 else FoldEnsemble(networks)).to(device),
+        network=network.to(device),
         device=device,
         task=SEGMENTATION,
         class_names=class_names,
@@ -256,6 +282,7 @@ def load(path: Path, device: torch.device, amp: bool = False, *, folds: str | No
         example_shape=patch,
         source=path,
         format="nnunet",
-        model_id=f"{path.name}[{','.join(f.name[5:] for f in folders)}]@{digest[:12]}",
+        model_id=f"{path.name}[{','.join(f.name[5:] for f in folders)}]{'+tta' * bool(tta and mirror_axes)}"
+                 f"@{digest[:12]}",
         amp=amp,
     )
