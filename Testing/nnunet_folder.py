@@ -35,9 +35,9 @@ def architecture(features=(4, 8, 16)) -> dict:
 
 
 def make_plans(patch=(16, 16, 16), spacing=(2.0, 1.5, 1.5), transpose_forward=(0, 1, 2),
-               scheme="ZScoreNormalization", use_mask=False, channels=1) -> dict:
+               scheme="ZScoreNormalization", use_mask=False, channels=1, features=(4, 8, 16)) -> dict:
     return {
-        "dataset_name": "Dataset900_Tiny", "plans_name": "nnUNetPlans",
+        "dataset_name": "Dataset900_Tiny", "plans_name": "nnUNetPlans",  # the folder name written below
         "original_median_spacing_after_transp": list(spacing), "original_median_shape_after_transp": [40, 40, 40],
         "image_reader_writer": "SimpleITKIO", "transpose_forward": list(transpose_forward),
         "transpose_backward": [int(i) for i in np.argsort(transpose_forward)],
@@ -51,7 +51,7 @@ def make_plans(patch=(16, 16, 16), spacing=(2.0, 1.5, 1.5), transpose_forward=(0
             "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
             "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
             "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-            "architecture": architecture(), "batch_dice": False,
+            "architecture": architecture(features), "batch_dice": False,
         }},
         "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {

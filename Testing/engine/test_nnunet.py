@@ -186,9 +186,34 @@ def test_prediction_equals_nnunets_predictor(folder, tmp_path):
         segmentation, probabilities, _, _, predictor = nnunet_reference(
             folder, tuple(int(f) for f in folds.split(",")), image_file)
         assert_logits_agree(nnunet_logits(predictor, image_file), logits)
-        ours = np.stack([to_input_grid(p, model_input).array for p in torch.softmax(logits, 0)]).argmax(0)
+        ours = np.stack([to_input_grid(channel, model_input).array for channel in logits]).argmax(0)
         inside = volume.array != 0
         assert (ours == segmentation)[inside].mean() > 0.99
+
+
+PHANTOM_MODEL = (Path(__file__).resolve().parents[2] / "Resources" / "nnunet" / "Dataset001_Phantom"
+                 / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+
+
+def test_shipped_phantom_model_segments_a_held_out_phantom_as_nnunets_predictor(tmp_path):
+    """The trained model of Resources/nnunet on a held-out phantom in an oblique 1.25×1.25×3.5 mm grid."""
+    from xaioverlay.phantoms import HELD_OUT_SEEDS, make_phantom
+
+    geometry = oblique_geometry(size=(128, 160, 46), spacing=(1.25, 1.25, 3.5))
+    half = geometry.direction_matrix @ ((np.asarray(geometry.size) - 1) / 2 * np.asarray(geometry.spacing))
+    geometry = Geometry(geometry.size, geometry.spacing, tuple(-half), geometry.direction)  # centred on the head
+    phantom = make_phantom(list(HELD_OUT_SEEDS)[2], geometry=geometry)
+    image_file = write_volume(phantom.image, tmp_path / "case_0000.nii.gz")
+    model = load_model(PHANTOM_MODEL, device="cpu")
+    model_input = model.preprocess([phantom.image])
+    logits = model.infer(model_input.tensor)[0]
+    ours = np.stack([to_input_grid(channel, model_input).array for channel in logits]).argmax(0) == 1
+    segmentation, *_ = nnunet_reference(PHANTOM_MODEL, (0,), image_file)
+    theirs = segmentation == 1
+    assert theirs.sum() > 500
+    assert 2 * (ours & theirs).sum() / (ours.sum() + theirs.sum()) >= 0.99
+    truth = phantom.tumour_mask.array > 0
+    assert 2 * (ours & truth).sum() / (ours.sum() + truth.sum()) > 0.85  # it did learn the tumour
 
 
 def test_mirroring_tta_equals_nnunets_and_explanations_run_through_it(folder, tmp_path):
