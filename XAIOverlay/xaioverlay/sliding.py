@@ -18,7 +18,6 @@ import itertools
 from typing import Callable, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
