@@ -98,7 +98,7 @@ def main() -> None:
         model_input = model.preprocess([volume])
         logits = model.infer(model_input.tensor)[0]
         # logits returned to the input grid, then the decision: the order nnU-Net's export follows
-        ours = np.stack([to_input_grid(channel, model_input).array for channel in logits])
+        ours = np.stack([to_input_grid(channel, model_input)[0].array for channel in logits])
         labels = ours.argmax(0) if model.activation == "softmax" else None
         if labels is None:
             print(f"{name}: region models are compared on the model grid only")

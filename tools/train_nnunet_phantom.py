@@ -102,7 +102,7 @@ def main() -> None:
         from xaioverlay.explain import to_input_grid
 
         probabilities = torch.softmax(model.infer(model_input.tensor), 1)[0, 1]
-        found = to_input_grid(probabilities, model_input).array > 0.5
+        found = to_input_grid(probabilities, model_input)[0].array > 0.5
         truth = phantom.tumour_mask.array > 0
         scores.append(2 * (found & truth).sum() / max(found.sum() + truth.sum(), 1))
     print(f"held-out Dice (seeds {list(HELD_OUT_SEEDS)[:10]}): mean {np.mean(scores):.3f}, min {np.min(scores):.3f}")

@@ -186,7 +186,7 @@ def test_prediction_equals_nnunets_predictor(folder, tmp_path):
         segmentation, probabilities, _, _, predictor = nnunet_reference(
             folder, tuple(int(f) for f in folds.split(",")), image_file)
         assert_logits_agree(nnunet_logits(predictor, image_file), logits)
-        ours = np.stack([to_input_grid(channel, model_input).array for channel in logits]).argmax(0)
+        ours = np.stack([to_input_grid(channel, model_input)[0].array for channel in logits]).argmax(0)
         inside = volume.array != 0
         assert (ours == segmentation)[inside].mean() > 0.99
 
@@ -207,7 +207,7 @@ def test_shipped_phantom_model_segments_a_held_out_phantom_as_nnunets_predictor(
     model = load_model(PHANTOM_MODEL, device="cpu")
     model_input = model.preprocess([phantom.image])
     logits = model.infer(model_input.tensor)[0]
-    ours = np.stack([to_input_grid(channel, model_input).array for channel in logits]).argmax(0) == 1
+    ours = np.stack([to_input_grid(channel, model_input)[0].array for channel in logits]).argmax(0) == 1
     segmentation, *_ = nnunet_reference(PHANTOM_MODEL, (0,), image_file)
     theirs = segmentation == 1
     assert theirs.sum() > 500

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import slicer
 
-from slicer_support import blob_volume, load_volume, oblique_geometry
+from slicer_support import blob_volume, describe_now, load_volume, oblique_geometry
 from xaioverlay.volumes import write_volume
 from XAIOverlayLib import nodes
 from XAIOverlayLib.logic import ExplainRequest
@@ -18,7 +18,7 @@ def test_folder_lists_its_classes_and_each_fold_choice_is_its_own_model(scene, l
     from nnunet_folder import write_model_folder
 
     folder = write_model_folder(tmp_path / "models", folds=(0, 1))
-    info = logic.describe(str(folder), "cpu", options={"folds": "0"})
+    info = describe_now(logic, folder, device="cpu", options={"folds": "0"})
     assert info["format"] == "nnunet" and info["class_names"] == ["background", "tumour", "oedema"]
     assert info["id"].startswith(folder.name + "[0]")
     geometry = oblique_geometry(size=(30, 28, 12), spacing=(1.2, 1.0, 2.5))

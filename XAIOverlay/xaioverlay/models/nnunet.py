@@ -92,7 +92,7 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"{path.parent}: {path.name} is missing; give the nnU-Net trained-model folder "
                          "(Trainer__Plans__Configuration) that holds dataset.json, plans.json and fold_N/")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelError(f"{path}: not valid JSON ({str(error)[:120]})") from None
     if not isinstance(content, dict):
