@@ -13,7 +13,7 @@ from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method, relative_error
 from ..precision import full_float32
-from .canonizers import canonized, check_graph
+from .canonizers import GATE_RULE, canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, Composite
 from .rules import ZBox
 
@@ -26,10 +26,12 @@ class Relevance:
         input: (B, C, X, Y, Z) relevance of every input value.
         output: (B,) relevance the explanation started from: Σ y ⊙ ∂T/∂y over the network output
             (the explained logit — or the region's weighted sum of logits — for a logit target).
+        gates: names of the multiplicative gates held constant (see :data:`.canonizers.GATE_RULE`).
     """
 
     input: torch.Tensor
     output: torch.Tensor
+    gates: tuple[str, ...] = ()
 
     def conservation(self) -> dict:
         """Σ input relevance against the starting relevance (summed over the batch)."""
@@ -67,11 +69,12 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
         score = target(output)
         grad_input, grad_output = torch.autograd.grad(score.sum(), [network_input, output], allow_unused=True)
         deposited = session.relevance.value
+        gates = tuple(session.gates)
     relevance = torch.zeros_like(network_input) if grad_input is None else network_input.detach() * grad_input
     if deposited is not None:
         relevance = relevance + deposited
     start = (output.detach() * grad_output).flatten(1).sum(1)
-    return Relevance(relevance.detach(), start.detach())
+    return Relevance(relevance.detach(), start.detach(), gates)
 
 
 class LRP(Method):
@@ -128,6 +131,8 @@ class LRP(Method):
         parameters = {"composite": self.composite.name, "rules": self.composite.describe()}
         if bounds is not None:
             parameters["input_bounds"] = bounds
+        if result.gates:
+            parameters["gates"] = {"rule": GATE_RULE, "count": len(result.gates)}
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
 
     @classmethod

@@ -18,6 +18,12 @@ never written). What it does to the computation:
 - **Residual sums and concatenations** (MONAI ``ResidualUnit``, ``SkipConnection``, ResNet and
   SegResNet blocks, DenseNet's concatenation) need no rewriting: in this implementation's convention
   the plain gradient of ``a + b`` splits relevance in proportion to ``a`` and ``b`` (see :mod:`.rules`).
+- **Multiplicative gates** ``y = x · σ(g(x))`` (MONAI ``AttentionBlock``'s ``psi``, the
+  squeeze-excitation ``fc`` of ``ChannelSELayer``/``ResidualSELayer``, EfficientNet's ``_se_expand``):
+  the gate is held constant (detached) during the LRP pass, so all relevance of ``y`` flows to the
+  signal ``x`` and none into the gate's branch — Arras et al. (2017)'s rule for multiplicative gates.
+  The forward values are unchanged; the gate is a per-voxel (or per-channel) weight like a fixed
+  scaling, and conservation holds through it.
 - **Unsupported layers** raise :class:`~xaioverlay.errors.ModelError` naming the layer and its type
   as soon as they run; after the forward pass, :func:`check_graph` refuses operations written in a
   module's ``forward`` that have no LRP rule (e.g. a product of two feature maps in an attention
@@ -73,6 +79,28 @@ ALLOWED_OPERATIONS = (
 )
 #: Allowed only with one operand that carries relevance (scaling by a constant), not a product of two.
 SCALING_OPERATIONS = ("MulBackward", "DivBackward")
+
+#: Blocks that multiply a signal by a gate computed from the network's features, ``x · σ(g(x))``:
+#: class name → the submodule whose output is the gate (or its logit). See :func:`gate_sources`.
+GATE_SOURCES = {"AttentionBlock": "psi", "ChannelSELayer": "fc", "ResidualSELayer": "fc", "MBConvBlock": "_se_expand"}
+#: How relevance crosses a gate (recorded with every LRP map of a gated network).
+GATE_RULE = "signal: the gate is held constant, all relevance flows to the gated signal (Arras et al. 2017)"
+
+
+def gate_sources(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every submodule that computes a multiplicative gate (see :data:`GATE_SOURCES`)."""
+    found = []
+    for name, module in network.named_modules():
+        attribute = GATE_SOURCES.get(type(module).__name__)
+        source = getattr(module, attribute, None) if attribute else None
+        if isinstance(source, nn.Module):
+            found.append((f"{name}.{attribute}" if name else attribute, source))
+    return found
+
+
+def _hold_gate(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the gate's value, detached (same forward value; no relevance flows into the gate)."""
+    return output.detach()
 
 
 
@@ -176,6 +204,7 @@ class _Session:
         self.relevance = _Relevance()
         self.producers: dict[int, tuple[_Step, weakref.ref, nn.Module]] = {}
         self.origins: dict[int, str] = {}
+        self.gates: list[str] = []
 
     def record_origin(self, name: str, module: nn.Module) -> Callable:
         """Forward hook remembering which layer's output each autograd node made (for error messages)."""
@@ -274,6 +303,9 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
     handles = []
     missing = object()
     try:
+        for name, module in gate_sources(network):
+            handles.append(module.register_forward_hook(_hold_gate))
+            session.gates.append(name)
         for name, module in network.named_modules():
             kind = layer_kind(module)
             if kind in ("free", "gradient"):
