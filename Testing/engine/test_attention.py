@@ -169,3 +169,37 @@ def test_explain_refuses_attention_on_a_cnn_with_the_reason_and_the_default_meth
     image = Volume(torch.rand(32, 32, 32).numpy(), Geometry((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     with pytest.raises(ModelError, match="^UNet has no attention gates or self-attention blocks; use gradcam/lrp/occlusion"):
         explain(model, [image], "attention", "channel:tumour")
+
+
+def test_flash_attention_is_switched_off_for_the_rollout_and_restored():
+    model = loaded(build(SMALL_VIT), "classification")
+    x = torch.randn(1, 1, 32, 32, 32)
+    reference = Attention().attribute(model, x, CLASS_1).map
+    blocks = self_attention_modules(model.network)
+    for block in blocks:
+        block.use_flash_attention = True  # it never forms the attention matrix
+    flashed = Attention().attribute(model, x, CLASS_1).map
+    torch.testing.assert_close(flashed, reference)
+    assert all(block.use_flash_attention for block in blocks)
+    assert all(not block.drop_weights._forward_hooks for block in blocks)
+
+
+def test_cli_writes_the_attention_map_for_unetr_and_exits_1_with_the_reason_for_a_unet(tmp_path, unet_spec, capsys):
+    import json
+
+    from xaioverlay.cli import main
+    from xaioverlay.volumes import write_volume
+
+    image = write_volume(Volume(torch.rand(32, 32, 32).numpy(), Geometry((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))),
+                         tmp_path / "case.nrrd")
+    unetr = save_spec_model(tmp_path / "unetr", SMALL_UNETR, task="segmentation", class_names=["background", "tumour"])
+    code = main(["explain", "--model", str(unetr), "--input", str(image), "--target", "channel:tumour",
+                 "--methods", "attention", "--out", str(tmp_path / "out"), "--progress", "none"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "explanation.json").read_text())["methods"][0]
+    assert record["method"] == "attention" and record["parameters"]["tokens"] == "mean over tokens"
+    code = main(["explain", "--model", str(unet_spec), "--input", str(image), "--target", "channel:tumour",
+                 "--methods", "attention", "--out", str(tmp_path / "out2"), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "UNet has no attention gates or self-attention blocks; use gradcam/lrp/occlusion" in err
