@@ -12,8 +12,12 @@ from monai.networks.nets.attentionunet import AttentionBlock
 from torch import nn
 
 from test_lrp import assert_untouched, loaded, snapshot
+from dataclasses import replace
+
+from xaioverlay.errors import ModelError
+from xaioverlay.methods import build_method
 from xaioverlay.methods.lrp import COMPOSITES, lrp
-from xaioverlay.methods.lrp.canonizers import GATE_RULE
+from xaioverlay.methods.lrp.canonizers import GATE_RULE, GATE_RULES
 from xaioverlay.targets import Target
 
 BN = 1 / math.sqrt(1 + 1e-5)  # a fresh BatchNorm in eval mode: (v − 0) / √(1 + eps)
@@ -141,3 +145,36 @@ def test_lrp_runs_on_efficientnet_with_its_inline_squeeze_excitation():
     assert torch.isfinite(result.input).all() and float(result.input.abs().sum()) > 0
     assert len(result.gates) == 16  # every MBConv block of b0 has SE
     assert_untouched(before, network, x)
+
+
+def test_uniform_split_gives_half_to_the_signal_and_half_through_the_gate_by_hand():
+    a, b, c, w = 0.7, -1.0, 2.0, 1.5  # a + b < 0: the gate branch's ReLU is dead where x > 0
+    model = loaded(TinyGate(a, b, c, w), "segmentation", 1)
+    x = torch.tensor([0.3, -1.2, 2.5, -0.8, 1.9, 0.1, -3.0, 0.6]).reshape(1, 1, 2, 2, 2)
+    target = Target(0, "c0", "logit", "softmax", torch.ones(2, 2, 2), {})
+    result = lrp(model, x, target, replace(COMPOSITES["zero"], gates="uniform"))
+    # by hand (LRP-0): ½ w·x·s to x through the product; the other ½ enters the gate: σ passes it to
+    # z = BN c h, the 1×1 convs and the sum route all of it back to x (both branches read x) where
+    # h = ReLU(BN (a + b) x) > 0, i.e. x < 0; where h = 0 (z = 0) it cannot be carried and is dropped
+    s = torch.sigmoid(BN * c * torch.relu(BN * (a + b) * x))
+    expected = w * x * s * (0.5 + 0.5 * (x < 0).float())
+    torch.testing.assert_close(result.input, expected, rtol=1e-5, atol=1e-7)
+    dropped = float((0.5 * w * x * s)[x > 0].sum())
+    assert float(result.input.sum()) == pytest.approx(float(result.output[0]) - dropped, rel=1e-5)
+
+
+def test_uniform_split_is_an_option_recorded_with_the_map_and_refused_where_the_product_is_inline():
+    method = build_method("lrp:epsilon-gamma-box/uniform")
+    assert method.spec == "lrp:epsilon-gamma-box/uniform" and build_method("lrp:/uniform").spec == "lrp:epsilon-plus-flat/uniform"
+    x = torch.randn(1, 1, 32, 32, 32)
+    target = Target(1, "c1", "logit", "softmax", torch.ones(32, 32, 32), {})
+    attribution = build_method("lrp:zero/uniform").attribute(loaded(bias_free_attention_unet(), "segmentation"), x, target)
+    assert attribution.parameters["gates"] == {"rule": GATE_RULES["uniform"], "count": 2}
+    model = loaded(nets.EfficientNetBN("efficientnet-b0", spatial_dims=3, in_channels=1, num_classes=2), "classification")
+    network = model.network
+    before = snapshot(network, x)
+    with pytest.raises(ModelError, match="uniform gate split needs the gate product as the block's output.*MBConvBlock"):
+        build_method("lrp:zero/uniform").attribute(model, x, Target(1, "c1", "logit", "softmax", None, {}))
+    assert_untouched(before, network, x)
+    with pytest.raises(Exception, match="unknown LRP gate split 'half'"):
+        build_method("lrp:zero/half")
