@@ -1,8 +1,8 @@
 """Explanation methods. Adding one: write a :class:`Method` subclass and list it in ``REGISTRY``.
 
 Method specs (CLI ``--methods``, comma-separated): ``name`` or ``name:option``, e.g.
-``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``ig:32``, ``occlusion:20mm/10mm``, ``occlusion-adaptive:400``,
-``attention``, ``attention:level=1``.
+``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``lrp:zero/uniform``, ``ig:32``,
+``occlusion:20mm/10mm``, ``occlusion-adaptive:400``, ``attention``, ``attention:level=1``.
 """
 
 from __future__ import annotations

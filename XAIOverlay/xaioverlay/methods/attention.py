@@ -70,7 +70,8 @@ def combine_gates(gates: list[torch.Tensor], shape: tuple[int, int, int], level:
     ordered = sorted(gates, key=lambda g: -g[0, 0].numel())
     if level is not None:
         if not 0 <= level < len(ordered):
-            raise InputError(f"attention:level={level} does not exist; this network has gate levels 0 to {len(ordered) - 1}")
+            raise InputError(f"attention:level={level} does not exist; "
+                             f"this network has gate levels 0 to {len(ordered) - 1}")
         ordered = [ordered[level]]
     upsampled = [F.interpolate(g.float(), size=tuple(shape), mode="trilinear", align_corners=False) for g in ordered]
     return torch.stack(upsampled).mean(0)[:, 0]
@@ -140,7 +141,8 @@ def captured_attention(blocks: list[torch.nn.Module]):
     """
     matrices: list[torch.Tensor] = []
     flash = [getattr(block, "use_flash_attention", False) for block in blocks]
-    handles = [block.drop_weights.register_forward_hook(lambda m, i, out: matrices.append(out.detach())) for block in blocks]
+    handles = [block.drop_weights.register_forward_hook(lambda m, i, out: matrices.append(out.detach()))
+               for block in blocks]
     try:
         for block in blocks:
             block.use_flash_attention = False
@@ -170,7 +172,8 @@ class Attention(Method):
             return cls()
         key, _, value = option.partition("=")
         if key.strip().lower() != "level" or not value.strip().isdigit():
-            raise InputError(f"cannot read attention option {option!r}; use attention:level=N (0 = the finest gate level)")
+            raise InputError(f"cannot read attention option {option!r}; "
+                             "use attention:level=N (0 = the finest gate level)")
         return cls(int(value))
 
     @property
@@ -193,7 +196,9 @@ class Attention(Method):
             return SE_REASON
         return f"{kind} has no attention gates or self-attention blocks; use gradcam/lrp/occlusion for a spatial map"
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+    def attribute(
+        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS
+    ) -> Attribution:
         reason = self.unavailable(model)
         if reason:
             raise ModelError(reason)
@@ -203,7 +208,8 @@ class Attention(Method):
             values, parameters = self._gates(model, x, gates, shape)
         else:
             if self.level is not None:
-                raise InputError("attention:level=N picks an attention-gate level; this network has self-attention, use attention")
+                raise InputError("attention:level=N picks an attention-gate level; "
+                                 "this network has self-attention, use attention")
             values, parameters = self._rollout(model, x, shape)
         progress(1, 1, unit="passes")
         return Attribution(values[0], signed=False, parameters=parameters)
@@ -233,6 +239,6 @@ class Attention(Method):
         scores = token_scores(rollout, patches)
         token = "class token row" if rollout.shape[-1] == patches + 1 else "mean over tokens"
         values = tokens_to_voxels(scores, patch, shape)
-        parameters = {"kind": "attention rollout (Abnar & Zuidema 2020)", "blocks": len(matrices), "patch_size": list(patch),
-                      "tokens": token}
+        parameters = {"kind": "attention rollout (Abnar & Zuidema 2020)", "blocks": len(matrices),
+                      "patch_size": list(patch), "tokens": token}
         return values, parameters

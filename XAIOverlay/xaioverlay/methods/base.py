@@ -67,8 +67,9 @@ class Method:
     def unavailable(cls, model: LoadedModel) -> str | None:
         """Why this method cannot explain ``model`` (one line for the CLI and the Slicer module), or None."""
         if cls.needs_internals and not model.internals_available:
-            return (f"{cls.label} needs the network's internal layers, which a {model.format} model hides; use a "
-                    "model-agnostic method (gxi, ig, occlusion) or load the model as a MONAI bundle or state dict + spec")
+            return (f"{cls.label} needs the network's internal layers, which a {model.format} model hides; "
+                    "use a model-agnostic method (gxi, ig, occlusion) or load the model as a MONAI bundle "
+                    "or state dict + spec")
         return None
 
     @property

@@ -90,7 +90,8 @@ class LRP(Method):
     additive = True
     needs_internals = True
     summary = (f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or "
-               f"{', '.join(c for c in COMPOSITES if c != DEFAULT)}; /uniform splits gates' relevance, e.g. lrp:zero/uniform)")
+               f"{', '.join(c for c in COMPOSITES if c != DEFAULT)}; "
+               "/uniform splits gates' relevance, e.g. lrp:zero/uniform)")
 
     def __init__(self, composite: str | Composite = DEFAULT, gates: str | None = None) -> None:
         if isinstance(composite, str):
@@ -99,7 +100,8 @@ class LRP(Method):
             composite = COMPOSITES[composite]
         if gates is not None:
             if gates not in GATE_SPLITS:
-                raise InputError(f"unknown LRP gate split {gates!r}; use one of: {', '.join(GATE_SPLITS)} (e.g. lrp:zero/uniform)")
+                raise InputError(f"unknown LRP gate split {gates!r}; "
+                                 f"use one of: {', '.join(GATE_SPLITS)} (e.g. lrp:zero/uniform)")
             composite = replace(composite, gates=gates)
         self.composite = composite
         name = composite.name + ("" if composite.gates == "signal" else f"/{composite.gates}")

@@ -346,7 +346,8 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
         for name, module in gate_sources(network):
             if composite.gates == "uniform":
                 block_name = name.rpartition(".")[0]
-                handles.append(blocks[block_name].register_forward_hook(_split_gate(session, block_name, blocks[block_name])))
+                block = blocks[block_name]
+                handles.append(block.register_forward_hook(_split_gate(session, block_name, block)))
             else:
                 handles.append(module.register_forward_hook(_hold_gate))
             session.gates.append(name)
