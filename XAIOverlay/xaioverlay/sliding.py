@@ -6,12 +6,16 @@ T_w = Σ (g_w / Σ g) · y_{w,c} over the window, and each T_w depends only on t
 a map that is linear in the target (gradients, LRP, gradient×input) is the sum of per-window maps,
 and windows that do not touch the region are skipped. CAMs, which are not linear, are summed the
 same way (an approximation, documented).
+
+:func:`blended_blocks` runs the same inference but hands out the blended output block by block, as
+soon as every window covering a block has been run, so that no caller needs the whole multi-channel
+output at once (105 channels on a CT-sized grid are 9.5 GB of float32).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +73,76 @@ def blend_weights(window: SlidingWindow, spatial: Sequence[int], device: torch.d
     for part in slices:
         total[part] += importance
     return importance, total, slices
+
+
+def _cells(size: int, parts: list[slice]) -> list[tuple[int, int]]:
+    """An axis cut at every window start and stop: [(low, high)] cells, each covered by a fixed set of windows."""
+    cuts = sorted({0, size, *(p.start for p in parts), *(p.stop for p in parts)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def blended_blocks(
+    window: SlidingWindow, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+    on_window: Callable[[int, int], None] = lambda done, total: None,
+) -> Iterator[tuple[tuple[slice, slice, slice], torch.Tensor]]:
+    """MONAI's sliding-window inference of ``forward`` on ``x``, yielded block by block.
+
+    The volume is cut into cells at every window start and stop; a cell's blended output
+    (Σ_w g_w · y_w / Σ_w g_w, summed in MONAI's window order, so equal to ``sliding_window_inference``)
+    is yielded once the last window covering it has run, and then forgotten. Only the cells that have
+    some but not all of their windows are held: about one slab of windows' overlap, not the volume.
+
+    Args:
+        x: (B, C, X, Y, Z) input.
+        forward: (N, C, *roi) → (N, K, *roi) network output.
+        on_window: called with (windows done, total) after every batch of windows.
+    Yields:
+        (slices of the unpadded (X, Y, Z) grid, (B, K, *block) float32 blended output).
+    """
+    pads = window_padding(x.shape[2:], window.roi_size)
+    padded = pad(x, pads)
+    importance, total, slices = blend_weights(window, padded.shape[2:], x.device)
+    cells = [_cells(n, [part[axis] for part in slices]) for axis, n in enumerate(padded.shape[2:])]
+    covering: dict[tuple[int, int, int], int] = {}
+    window_cells = []
+    for part in slices:
+        ranges = [[i for i, (low, high) in enumerate(cells[a]) if low >= part[a].start and high <= part[a].stop]
+                  for a in range(3)]
+        inside = list(itertools.product(*ranges))
+        window_cells.append(inside)
+        for cell in inside:
+            covering[cell] = covering.get(cell, 0) + 1
+    held: dict[tuple[int, int, int], torch.Tensor] = {}
+    batch = max(int(window.sw_batch_size), 1)
+    for first in range(0, len(slices), batch):
+        group = slices[first:first + batch]
+        out = forward(torch.cat([padded[(slice(None), slice(None), *part)] for part in group]))
+        for number, part in enumerate(group):
+            weighted = out[number * x.shape[0]:(number + 1) * x.shape[0]] * importance
+            for cell in window_cells[first + number]:
+                bounds = [cells[a][cell[a]] for a in range(3)]
+                local = tuple(slice(low - part[a].start, high - part[a].start) for a, (low, high) in enumerate(bounds))
+                if cell in held:
+                    held[cell] += weighted[(slice(None), slice(None), *local)]
+                else:
+                    held[cell] = weighted[(slice(None), slice(None), *local)].clone()
+                covering[cell] -= 1
+                if covering[cell] == 0:
+                    block = _unpadded(bounds, pads, padded.shape[2:])
+                    if block is not None:
+                        grid = tuple(slice(low, high) for low, high in bounds)
+                        inner = tuple(slice(b.start - low + before, b.stop - low + before)
+                                      for b, (low, _), (before, _) in zip(block, bounds, pads))
+                        yield block, (held[cell] / total[grid])[(slice(None), slice(None), *inner)]
+                    del held[cell]
+            del weighted
+        del out
+        on_window(min(first + batch, len(slices)), len(slices))
+
+
+def _unpadded(bounds: list[tuple[int, int]], pads: list[tuple[int, int]],
+              padded: Sequence[int]) -> tuple[slice, slice, slice] | None:
+    """A cell [low, high) of the padded grid as slices of the unpadded grid; None when it is all padding."""
+    block = tuple(slice(max(low - before, 0), min(high - before, n - before - after))
+                  for (low, high), (before, after), n in zip(bounds, pads, padded))
+    return block if all(b.stop > b.start for b in block) else None

@@ -22,6 +22,7 @@ import torch
 
 from ... import sliding
 from ...errors import ModelError
+from ...memory import free_memory_bytes, is_out_of_memory
 from ...models.base import LoadedModel
 from ...targets import Target
 from . import boxes as bx
@@ -106,6 +107,12 @@ class ForwardScorer:
         self.clean_score = float(view.target(run(view.x))[0])
         self.item_bytes = view.x.numel() * view.x.element_size() * 64  # rough: activations of a 3D CNN
 
+    def acquire(self) -> None:
+        """Nothing to hold between calls (see :meth:`IncrementalScorer.acquire`)."""
+
+    def release(self) -> None:
+        """Nothing to free."""
+
     def reaches(self, boxes: bx.Box) -> torch.Tensor:
         return ~bx.empty(boxes)
 
@@ -119,24 +126,44 @@ class ForwardScorer:
 
 
 class IncrementalScorer:
-    """A view's occluded scores by exact incremental inference (see :mod:`.incremental`)."""
+    """A view's occluded scores by exact incremental inference (see :mod:`.incremental`).
+
+    The clean pass (every layer's values on the view: about 0.24 GB for a 16-channel UNet on a 96³
+    window) is held only between :meth:`acquire` and :meth:`release`, while this view is scored, so
+    a sliding-window model holds one window's at a time; what :meth:`reaches` needs (the layers'
+    boxes) is kept throughout. Each acquire after the first re-runs the clean pass (one forward).
+    """
 
     engine = "incremental"
 
     def __init__(self, model: LoadedModel, graph, view: View, speedups: Speedups) -> None:
-        self.model, self.view = model, view
-        needed = weights_box(view.target.weights)
-        with model.autocast():
-            self.run = IncrementalRun(graph, view.x, needed, crop=speedups.crop, incremental=speedups.incremental)
-        self.model.passes.forward += 1
-        self.clean_output = self.run.output.float()
+        self.model, self.graph, self.view, self.speedups = model, graph, view, speedups
+        self.clean_output: torch.Tensor | None = None
+        self.acquire()
         # tracing can bake a Python branch into the graph: the replayed graph must give the network's output
         reference = model.forward(view.x)
         scale = float(reference.abs().max()) or 1.0
         if reference.shape != self.clean_output.shape or float((reference - self.clean_output).abs().max()) > 1e-3 * scale:
             raise ValueError("the traced graph does not reproduce the network's output")
+        del reference
         self.clean_score = float(view.target(self.clean_output)[0])
         self.item_bytes = sum(v.numel() * v.element_size() for v in self.run.values.values() if isinstance(v, torch.Tensor))
+        self.release()
+
+    def acquire(self) -> None:
+        """Run (or re-run) the clean pass and keep its values for :meth:`scores`."""
+        if self.clean_output is not None:
+            return
+        needed = weights_box(self.view.target.weights)
+        with self.model.autocast():
+            self.run = IncrementalRun(self.graph, self.view.x, needed, crop=self.speedups.crop,
+                                      incremental=self.speedups.incremental)
+        self.model.passes.forward += 1
+        self.clean_output = self.run.output.float()
+
+    def release(self) -> None:
+        """Free the clean pass's values (the boxes :meth:`reaches` uses stay)."""
+        self.run.values, self.run.output, self.clean_output = {}, None, None
 
     def reaches(self, boxes: bx.Box) -> torch.Tensor:
         return self.run.reaches_output(boxes)
@@ -160,26 +187,6 @@ class IncrementalScorer:
 def _window_count(x: torch.Tensor, window) -> int:
     padded = [max(n, r) for n, r in zip(x.shape[2:], window.roi_size)]
     return len(sliding.window_slices(padded, window.roi_size, window.overlap))
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
 
 
 def first_batch_size(device: torch.device, item_bytes: int, engine: str) -> int:
@@ -275,20 +282,26 @@ class OcclusionScorer:
         done = 0
         report(0, total)
         for scorer, index, local in work:
-            start = 0
-            while start < len(index):
-                stop = min(start + self.batch_size, len(index))
-                try:
-                    values = scorer.scores((local[0][start:stop], local[1][start:stop]))
-                except Exception as error:
-                    if not is_out_of_memory(error):
-                        raise
-                    self._halve(stop - start)
-                    continue
-                scores.index_add_(0, index[start:stop], values.double() - scorer.clean_score)
-                done += stop - start
-                report(done, total)
-                start = stop
+            if not len(index):
+                continue
+            scorer.acquire()  # one view's clean pass in memory at a time
+            try:
+                start = 0
+                while start < len(index):
+                    stop = min(start + self.batch_size, len(index))
+                    try:
+                        values = scorer.scores((local[0][start:stop], local[1][start:stop]))
+                    except Exception as error:
+                        if not is_out_of_memory(error):
+                            raise
+                        self._halve(stop - start)
+                        continue
+                    scores.index_add_(0, index[start:stop], values.double() - scorer.clean_score)
+                    done += stop - start
+                    report(done, total)
+                    start = stop
+            finally:
+                scorer.release()
         self.evaluated += total
         return (self.clean_score - scores).float()
 
