@@ -128,16 +128,18 @@ class ForwardScorer:
 class IncrementalScorer:
     """A view's occluded scores by exact incremental inference (see :mod:`.incremental`).
 
-    The clean pass (every layer's values on the view: about 0.24 GB for a 16-channel UNet on a 96³
-    window) is held only between :meth:`acquire` and :meth:`release`, while this view is scored, so
-    a sliding-window model holds one window's at a time; what :meth:`reaches` needs (the layers'
-    boxes) is kept throughout. Each acquire after the first re-runs the clean pass (one forward).
+    With ``hold`` (one view: the whole input) the clean pass is kept for the scorer's life. Otherwise
+    (one view of several sliding windows) the clean pass (every layer's values on the view: about
+    0.24 GB for a 16-channel UNet on a 96³ window) is held only between :meth:`acquire` and
+    :meth:`release`, while this view is scored, so a sliding-window model holds one window's at a
+    time; what :meth:`reaches` needs (the layers' boxes) is kept throughout. Each acquire after the
+    first re-runs the clean pass (one forward).
     """
 
     engine = "incremental"
 
-    def __init__(self, model: LoadedModel, graph, view: View, speedups: Speedups) -> None:
-        self.model, self.graph, self.view, self.speedups = model, graph, view, speedups
+    def __init__(self, model: LoadedModel, graph, view: View, speedups: Speedups, hold: bool = True) -> None:
+        self.model, self.graph, self.view, self.speedups, self.hold = model, graph, view, speedups, hold
         self.clean_output: torch.Tensor | None = None
         self.acquire()
         # tracing can bake a Python branch into the graph: the replayed graph must give the network's output
@@ -162,8 +164,9 @@ class IncrementalScorer:
         self.clean_output = self.run.output.float()
 
     def release(self) -> None:
-        """Free the clean pass's values (the boxes :meth:`reaches` uses stay)."""
-        self.run.values, self.run.output, self.clean_output = {}, None, None
+        """Free the clean pass's values (the boxes :meth:`reaches` uses stay), unless held."""
+        if not self.hold:
+            self.run.values, self.run.output, self.clean_output = {}, None, None
 
     def reaches(self, boxes: bx.Box) -> torch.Tensor:
         return self.run.reaches_output(boxes)
@@ -223,16 +226,16 @@ class OcclusionScorer:
                 self.slower_because = "a probability of blended sliding windows is scored on the whole volume"
         else:
             self.views = make_views(model, x, fill, target)
-            self.scorers = [self._scorer(v) for v in self.views]
+            self.scorers = [self._scorer(v, hold=len(self.views) == 1) for v in self.views]
         self.windows = {"used": len(self.views), "total": _window_count(x, model.sliding_window)} if windowed else None
         self.clean_score = sum(s.clean_score for s in self.scorers)
         self.batch_size = batch_size or first_batch_size(x.device, max(s.item_bytes for s in self.scorers), self.engine)
         self.evaluated = self.skipped = self.reused = self.occluders_evaluated = 0
 
-    def _scorer(self, view: View):
+    def _scorer(self, view: View, hold: bool = True):
         if self.graph is not None:
             try:
-                return IncrementalScorer(self.model, self.graph, view, self.speedups)
+                return IncrementalScorer(self.model, self.graph, view, self.speedups, hold)
             except Exception as error:  # an operation the tracer recorded but cannot replay
                 self.slower_because = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
                 log.info("occlusion: incremental inference unavailable (%s); using whole forward passes", self.slower_because)
