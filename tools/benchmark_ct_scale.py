@@ -18,7 +18,8 @@ Per model it measures, each item in a fresh process (so every peak is that item'
 - ``fwd+bwd <target>``: the same over the windows the target touches (what a gradient method needs);
 - every method (``explain`` end to end: preprocessing, inference, target, map on the input grid) for
   a 10 mm ball at the lesion (``channel:1@point:R,A,S,10``) and, for the gradient methods, for the
-  whole predicted region of channel 1 (``channel:1``).
+  whole predicted region (``channel:C``) of the foreground channel C predicted most (seeded random weights
+  may predict channel 1 nowhere).
 
 Printed per row: the item's own time (for methods: the method's time, as ``explanation.json``
 records it), its ratio to ``inference``, to ``fwd+bwd all`` and to the forward+backward over the
@@ -264,7 +265,8 @@ def run_item(spec: str, volume_path: str, item: str, target_text: str, device: s
 
             count = len(sliding.window_slices(shape, model.sliding_window.roi_size, model.sliding_window.overlap)) if windowed else 1
             record["windows"] = f"{count}/{count}"
-            record["predicted_channel_1_voxels"] = int(prediction.counts[1])
+            record["predicted_voxels"] = {"channel 1": int(prediction.counts[1]), "largest": int(prediction.counts[1:].max())}
+            record["largest_channel"] = int(prediction.counts[1:].argmax()) + 1
         else:
             prediction = predict(model, x, target_channel(target_text, model))
             target = resolve_target(target_text, model, model_input, prediction)
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"methods (default: {','.join(METHODS)})")
     parser.add_argument("--quick", action="store_true", help="a 128×128×64 volume, 32³ windows and a smaller UNet (smoke run)")
     parser.add_argument("--same-process", action="store_true", help="run every item in this process (faster start; peaks are then cumulative)")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="only the method rows on the ball target (no baselines, no region): a memory check")
     parser.add_argument("--keep", help="build the volume and specs in this folder and keep them (default: a temporary folder)")
     parser.add_argument("--json", help="also write the raw rows to this file")
     args = parser.parse_args(argv)
@@ -359,17 +363,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - started:.0f} s)", flush=True)
         for channels in models:
             spec = str(specs[channels])
+            if args.methods_only:
+                rows = []
+                for method in methods:
+                    rows.append(run_fresh(spec, str(volume_path), f"method:{METHODS[method]}", ball, args.device, args.amp,
+                                          same_process=args.same_process))
+                    print(f"  done {method}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+                print(f"\n{channels}-channel UNet (method rows only):\n" + "\n".join(format_rows(rows, args.device == "cuda")))
+                everything[channels] = rows
+                continue
+            rows = [run_fresh(spec, str(volume_path), "inference", ball, args.device, args.amp, same_process=args.same_process)]
+            # the region: the foreground channel predicted most (random weights may predict channel 1 nowhere)
+            region = f"channel:{rows[0].get('largest_channel', 1)}"
+            print(f"  done inference: {json.dumps(rows[0])}", file=sys.stderr, flush=True)
             # cheapest first: the gradient methods on the ball, then on the whole predicted region, then
             # IG and occlusion (many passes) on the ball
             gradient = [m for m in methods if m in GRADIENT_METHODS]
-            plan = [("inference", ball), ("fwd+bwd ball", ball)]
+            plan = [("fwd+bwd ball", ball)]
             plan += [(f"method:{METHODS[method]}", ball) for method in gradient]
             plan.append(("fwd+bwd all", ball))
             if gradient:
-                plan.append(("fwd+bwd region", "channel:1"))
-            plan += [(f"method:{METHODS[method]}", "channel:1") for method in gradient]
+                plan.append(("fwd+bwd region", region))
+            plan += [(f"method:{METHODS[method]}", region) for method in gradient]
             plan += [(f"method:{METHODS[method]}", ball) for method in methods if method not in GRADIENT_METHODS]
-            rows = []
             for item, target in plan:
                 row = run_fresh(spec, str(volume_path), item, target, args.device, args.amp, same_process=args.same_process)
                 rows.append(row)
