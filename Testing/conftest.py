@@ -124,3 +124,37 @@ def save_bundle(folder: Path, network_def: dict, state_dict: dict, *, preprocess
     (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
     (folder / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=1))
     return folder
+
+
+class SquareRootKinks(torch.nn.Module):
+    """A classifier whose logit is finite but whose input gradient is not, at known voxels.
+
+    Logit 1 is ``Σ √x⁺ + √(x − 1)⁺ − 2 √(x − 2)⁺``: its derivative is +∞ at x = 0, 1 and −∞ at x = 2, so
+    gradient × input is NaN (0 · ∞) where x = 0, +∞ where x = 1 and −∞ where x = 2, finite elsewhere.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = x.clamp(min=0).sqrt() + (x - 1).clamp(min=0).sqrt() - 2 * (x - 2).clamp(min=0).sqrt()
+        score = f.flatten(1).sum(1)
+        return torch.stack([-score, score], 1)
+
+
+def save_square_root_kinks(folder: Path) -> Path:
+    """:class:`SquareRootKinks` as a TorchScript file with a sidecar spec; returns the ``.ts`` path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "kinks.ts"
+    torch.jit.script(SquareRootKinks()).save(str(path))
+    (folder / "kinks.yaml").write_text(yaml.safe_dump({"task": "classification", "class_names": ["low", "high"],
+                                                       "activation": "none"}))
+    return path
+
+
+def kinks_volume(geometry: Geometry) -> tuple[Volume, dict[str, int]]:
+    """A volume of 3s with slabs of 0, 1 and 2, and how many gradient × input values of
+    :class:`SquareRootKinks` are NaN, +inf and -inf on it."""
+    array = np.full(geometry.size, 3.0, dtype=np.float32)
+    array[:3] = 0.0
+    array[3:5, :4] = 1.0
+    array[-1, :2, :5] = 2.0
+    counts = {"nan": int((array == 0).sum()), "posinf": int((array == 1).sum()), "neginf": int((array == 2).sum())}
+    return Volume(array, geometry, "kinks"), counts

@@ -31,7 +31,8 @@ class XAIOverlay(ScriptedLoadableModule):
 Explain a 3D imaging model (MONAI bundle, state dict + spec, TorchScript) on the volumes in the scene:
 Grad-CAM, LRP, occlusion and more as colour-mapped overlays, compared side by side in linked views,
 with a table of runtime and quality per method; then click to the next case.
-See the <a href="https://github.com/REPLACE-WITH-OWNER/XAIOverlay#slicer-module">module documentation</a>.
+Documentation: the "3D Slicer module" section of the extension's README (its source is at the
+extension's homepage, shown in the Extensions Manager).
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer, MONAI and PyTorch. The explanation engine runs in a separate worker process
@@ -128,6 +129,7 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.compareButton.connect("clicked(bool)", lambda: self.onCompare())
         self.ui.describeButton.connect("clicked(bool)", self.onDescribe)
+        self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)
         self.ui.loadFolderButton.connect("clicked(bool)", self.onCasesFromFolder)
         self.ui.useSceneButton.connect("clicked(bool)", self.onCasesFromScene)
         self.ui.previousButton.connect("clicked(bool)", lambda: self.onStep(-1))
@@ -186,31 +188,43 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                               (self.ui.targetRadiusSlider, region == Region.Point)):
             widget.enabled = shown
         self.logic.applyDisplay(parameters)
+        if self.logic._core is not None and self.logic.core.busy and not self._timer.isActive():
+            self._timer.start()  # a threshold change is applied at the next tick
 
     # --- model and methods -------------------------------------------------------------------------
+    def onChooseModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a MONAI bundle folder"),
+                                                     str(self._parameterNode.modelPath))
+        if folder:
+            self._parameterNode.modelPath = pathlib.Path(folder)
+
     def onDescribe(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot read the model."), waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
-            info = self.logic.describe(self._parameterNode)
-            self.ui.modelInfoLabel.text = f"{info['task']}, {', '.join(info['class_names'])} ({info['format']}, {info['device']})"
-            self.ui.classComboBox.clear()
-            self.ui.classComboBox.addItem(_("(model's default)"), "")
-            for name in info["class_names"]:
-                self.ui.classComboBox.addItem(name, name)
-            chosen = self.logic.reconcileMethods(self._parameterNode, info)
-            self.ui.methodsListWidget.blockSignals(True)
-            self.ui.methodsListWidget.clear()
-            for method in info["methods"]:
-                item = qt.QListWidgetItem(f"{method['label']} — {method['summary']}")
-                item.setData(qt.Qt.UserRole, method["spec"])
-                flags = qt.Qt.ItemIsUserCheckable
-                if method["allowed"]:
-                    flags |= qt.Qt.ItemIsEnabled
-                item.setFlags(flags)
-                item.setCheckState(qt.Qt.Checked if method["spec"] in chosen or method["name"] in chosen else qt.Qt.Unchecked)
-                self.ui.methodsListWidget.addItem(item)
-            self.ui.methodsListWidget.blockSignals(False)
+            self.ui.modelInfoLabel.text = _("reading the model…")  # the answer comes through the timer
+            self.logic.describe(self._parameterNode, self.onModelDescribed, slicer.util.errorDisplay)
+            self._timer.start()
+
+    def onModelDescribed(self, info) -> None:
+        self.ui.modelInfoLabel.text = f"{info['task']}, {', '.join(info['class_names'])} ({info['format']}, {info['device']})"
+        self.ui.classComboBox.clear()
+        self.ui.classComboBox.addItem(_("(model's default)"), "")
+        for name in info["class_names"]:
+            self.ui.classComboBox.addItem(name, name)
+        chosen = self.logic.reconcileMethods(self._parameterNode, info)
+        self.ui.methodsListWidget.blockSignals(True)
+        self.ui.methodsListWidget.clear()
+        for method in info["methods"]:
+            item = qt.QListWidgetItem(f"{method['label']} — {method['summary']}")
+            item.setData(qt.Qt.UserRole, method["spec"])
+            flags = qt.Qt.ItemIsUserCheckable
+            if method["allowed"]:
+                flags |= qt.Qt.ItemIsEnabled
+            item.setFlags(flags)
+            item.setCheckState(qt.Qt.Checked if method["spec"] in chosen or method["name"] in chosen else qt.Qt.Unchecked)
+            self.ui.methodsListWidget.addItem(item)
+        self.ui.methodsListWidget.blockSignals(False)
 
     def onClassChosen(self, index) -> None:
         self._parameterNode.targetClass = self.ui.classComboBox.itemData(index) or ""
@@ -241,7 +255,7 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.core.process_events()
         job = self._job
         if job is None:
-            if not self.logic.core.jobs:  # the background work for the next case is done too
+            if not self.logic.core.busy:  # the background work for the next case is done too
                 self._timer.stop()
             return
         done, total, unit = job.progress
@@ -251,9 +265,10 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.finished:
             self._job = None  # the timer keeps polling while the next case is prepared in the background
             self.onParametersChanged()
-            if job.state == "failed":
-                slicer.util.errorDisplay(job.error, windowTitle=_("XAIOverlay"))
-            elif job.state == "done":
+            if job.state == "failed" or job.warnings:  # an error, or e.g. non-finite values in a map
+                display = slicer.util.errorDisplay if job.state == "failed" else slicer.util.warningDisplay
+                display(job.error or "\n".join(job.warnings), windowTitle=_("XAIOverlay"))
+            if job.state == "done":
                 self.onCompare(job)
         else:
             self.onParametersChanged()
@@ -343,10 +358,10 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
 
         return ensure_in_slicer()
 
-    def describe(self, parameters) -> dict:
+    def describe(self, parameters, then=None, failed=None):  # returns at once: see OverlayLogic.describe
         from XAIOverlayLib.logic import model_path
 
-        return self.core.describe(model_path(parameters), parameters.device.value)
+        return self.core.describe(model_path(parameters), parameters.device.value, then, failed)
 
     @staticmethod
     def reconcileMethods(parameters, info) -> set:
@@ -362,12 +377,6 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
     def explain(self, parameters):
         from XAIOverlayLib.logic import request_from_parameters
 
-        info = self.describe(parameters)
-        allowed = {method["name"] for method in info["methods"] if method["allowed"]}
-        refused = [spec for spec in parameters.methods.replace(" ", "").split(",") if spec and spec.split(":")[0] not in allowed]
-        if refused:
-            raise ValueError(_("method(s) {refused} unknown or not available for this model; choose from {allowed}").format(
-                refused=", ".join(refused), allowed=", ".join(sorted(allowed))))
         self.applyDisplay(parameters)
         return self.core.explain(request_from_parameters(parameters))
 
@@ -377,7 +386,7 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
         core = self.core
         core.prefetch_next = parameters.prepareNext
         if abs(core.percentile - parameters.thresholdPercentile) > 1e-6:
-            core.set_percentile(parameters.thresholdPercentile)
+            core.set_percentile(parameters.thresholdPercentile, coalesce=True)  # restyled once per timer tick
         if abs(core.opacity - parameters.opacity) > 1e-6:
             core.set_opacity(parameters.opacity)
         core.set_orientation(parameters.orientation.value)
@@ -473,6 +482,6 @@ class XAIOverlayTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(background), 1, "the next case should be prepared in the background")
         logic.core.wait(background[0])
         volume, job = logic.step(parameters, +1)
-        self.assertEqual(job.state, "done", "the next case should come from the background run at once")
+        self.assertEqual((logic.core.wait(job, 30).state, job.request_id), ("done", None), job.error)
         logic.shutdown()
         self.delayDisplay("Test passed")

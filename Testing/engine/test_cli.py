@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from conftest import blob_volume
 from xaioverlay.cli import main
-from xaioverlay.volumes import Geometry, Volume, write_volume
+from xaioverlay.volumes import Geometry, Volume, read_volume, write_volume
 
 GRID = Geometry((64, 64, 48), (1.5, 1.5, 2.0), (10.0, -5.0, 3.0))
 
@@ -78,7 +78,7 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, capsys, case, prob
     model, image = case
     args = {"--model": model, "--input": [image], "--methods": "gradcam", "--out": tmp_path / "out"}
     expected = {
-        "missing": "no such file", "truncated": "unreadable or truncated", "2d": "not a 3D volume",
+        "missing": "no such file", "truncated": "cut.nii.gz is truncated or corrupt (the compressed stream ends early)", "2d": "not a 3D volume",
         "channels": "expects 1 input channel(s) but got 2", "nan": "NaN or infinite voxels",
         "layer": "unknown layer 'features.denseblok4'; close matches: features.denseblock4",
         "class": "unknown class 'tumor'; did you mean 'tumour'", "empty_mask": "is empty",
@@ -87,9 +87,9 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, capsys, case, prob
     if problem == "missing":
         args["--input"] = [tmp_path / "nowhere.nii.gz"]
     elif problem == "truncated":
-        data = image.read_bytes()
-        (tmp_path / "cut.nrrd").write_bytes(data[: len(data) // 3])
-        args["--input"] = [tmp_path / "cut.nrrd"]
+        data = write_volume(read_volume(image), tmp_path / "whole.nii.gz").read_bytes()  # read without error today
+        (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 3])
+        args["--input"] = [tmp_path / "cut.nii.gz"]
     elif problem == "2d":
         sitk.WriteImage(sitk.Image(32, 32, sitk.sitkFloat32), str(tmp_path / "plane.nrrd"))
         args["--input"] = [tmp_path / "plane.nrrd"]

@@ -89,7 +89,7 @@ def test_map_defined_in_physical_space_on_model_grid_comes_back_exactly(tmp_path
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
     ras = (model_input.ijk_to_ras @ np.c_[grid, np.ones(len(grid))].T).T[:, :3]
     field = (0.3 * ras[:, 0] - 0.7 * ras[:, 1] + 0.2 * ras[:, 2]).reshape(shape)
-    back = to_input_grid(torch.as_tensor(field, dtype=torch.float32), model_input)
+    back, _ = to_input_grid(torch.as_tensor(field, dtype=torch.float32), model_input)
     input_grid = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.size], indexing="ij"), -1).reshape(-1, 3)
     input_ras = geometry.ijk_to_ras_points(input_grid)
     expected = (0.3 * input_ras[:, 0] - 0.7 * input_ras[:, 1] + 0.2 * input_ras[:, 2]).reshape(geometry.size)

@@ -85,7 +85,8 @@ def expected_relevance(rule, weights: np.ndarray, shift: np.ndarray, ones: np.nd
                                         + down[:, 0] * (negative.sum(1) + np.clip(shift, None, 0)))
         return share(boosted * (up | down), denominator)
     if isinstance(rule, ZBox):
-        low, high = x.min(), x.max()
+        channels = x.reshape(2, -1)  # the rule's data bounds: each input channel's extremes
+        low, high = np.repeat(channels.min(1), channels.shape[1]), np.repeat(channels.max(1), channels.shape[1])
         boxed = contributions - low * np.clip(weights, 0, None) - high * np.clip(weights, None, 0)
         return share(boxed, boxed.sum(1))
     if isinstance(rule, Flat):

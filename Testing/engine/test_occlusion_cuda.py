@@ -15,14 +15,15 @@ from xaioverlay.explain import explain
 from xaioverlay.methods.occlusion import BRUTE_FORCE, Occlusion
 from xaioverlay.models import load_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)
-def float32_convolutions():
-    """TF32 rounds differently in a box and in a whole volume; exactness is checked in float32."""
+def tf32_allowed():
+    """TF32 allowed, as a user may have it (cuDNN's default): occlusion turns it off itself while it runs
+    (TF32 rounds differently in a box and in a whole volume), so the exactness checks hold anyway."""
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 

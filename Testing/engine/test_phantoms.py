@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -183,18 +181,6 @@ def test_seeds_vary_tumour_and_decoys():
     assert len({len(p.decoy_centres_ras) for p in phantoms}) >= 2
     brain_sizes = [p.brain_mask.array.sum() for p in phantoms]
     assert np.ptp(brain_sizes) / np.mean(brain_sizes) > 0.03  # head size varies
-
-
-def test_rendering_the_default_grid_is_fast():
-    make_phantom(1)
-    best = min(_timed(lambda: make_phantom(2)) for _ in range(3))
-    assert best < 0.5, f"{best:.2f} s"
-
-
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def test_negative_seed_is_refused():

@@ -106,6 +106,37 @@ def load_volume(scene, path: Path, name: str):
     return node
 
 
+def segmentation_of(scene, volume: Volume, mask: np.ndarray, folder: Path):
+    """A segmentation node holding ``mask`` (on ``volume``'s grid) as one segment."""
+    import slicer
+
+    from XAIOverlayLib import nodes
+    from xaioverlay.volumes import write_volume
+
+    path = write_volume(Volume(mask.astype(np.uint8), volume.geometry), folder / "seg.nrrd")
+    labelmap = nodes.add_volume_from_file(scene, path, "lesion", labelmap=True)
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(segmentation)
+    segmentation.CreateDefaultDisplayNodes()
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    return segmentation
+
+
+def linear_transform(scene, matrix: np.ndarray):
+    """A linear transform node (4×4 to parent) added to ``scene``."""
+    import slicer
+    import vtk
+
+    node = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(node)
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            vtk_matrix.SetElement(row, column, float(matrix[row, column]))
+    node.SetMatrixTransformToParent(vtk_matrix)
+    return node
+
+
 def classifier_request(volume_node, model: Path, methods=("gradcam", "hirescam"), key: str = "tumour"):
     from XAIOverlayLib.logic import ExplainRequest
     from XAIOverlayLib.target_spec import TargetChoice
@@ -117,3 +148,17 @@ def scene_node_ids(scene) -> list[str]:
     collection = scene.GetNodes()
     return sorted(collection.GetItemAsObject(i).GetID() for i in range(collection.GetNumberOfItems()))
 
+
+
+def describe_now(logic, model, timeout: float = 120.0) -> dict:
+    """The model's description, processing the logic's events until it arrives (its callback)."""
+    import time
+
+    answers: list = []
+    logic.describe(str(model), then=answers.append, failed=answers.append)
+    deadline = time.monotonic() + timeout
+    while not answers:
+        assert time.monotonic() < deadline, f"no description of {model} within {timeout} s"
+        logic.process_events(0.1)
+    assert isinstance(answers[0], dict), answers[0]
+    return answers[0]

@@ -37,5 +37,6 @@ def test_demo_phantoms_explain_compare_and_next_case(scene, logic, tmp_path):
     assert len(background) == 1
     logic.wait(background[0])
     volume, job = logic.open_case(+1)
+    logic.wait(job)
     assert job.state == "done" and job.request_id is None  # the next case came from the background run
     assert [m.GetName() for m in logic.map_nodes(job)][0] == "phantom_1 · Grad-CAM · tumour"

@@ -1,11 +1,18 @@
-"""The on-disk map cache: complete entries only, keys that separate what differs, bounded size."""
+"""The on-disk map cache: complete entries only, keys that separate what differs (and follow what the
+volume is now, not the file it came from), bounded size."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from XAIOverlayLib.cache import MapCache, cache_key, model_fingerprint
+import numpy as np
+import pytest
+
+from XAIOverlayLib.cache import MapCache, cache_key, model_fingerprint, segmentation_key, volume_digest
 
 
 def test_keys_differ_in_every_component_and_repeat_exactly():
@@ -40,3 +47,104 @@ def test_entries_round_trip_and_the_least_recently_used_go_first(tmp_path):
     assert cache.get("b" * 40) is None
     assert cache.get("a" * 40) is not None and cache.get("c" * 40).path.read_bytes() == b"x" * 1000
     assert not list((tmp_path / "cache").rglob(".*"))  # no staging folder left behind
+
+
+# --- keys that are never stale: the voxels and geometry as they are now, the engine, device and precision ---
+def _volume():
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = np.diag([0.9, 0.9, 3.0, 1.0])
+    affine[:3, 3] = (10.0, -20.0, 5.0)
+    return array, affine
+
+
+def test_volume_digest_follows_every_voxel_and_the_geometry():
+    array, affine = _volume()
+    base = volume_digest(array, affine)
+    assert volume_digest(array.copy(), affine.copy()) == base  # an unchanged volume: the same key
+    edited = array.copy()
+    edited[2, 3, 4] += 1
+    spacing, origin, direction = affine.copy(), affine.copy(), affine.copy()
+    spacing[2, 2] = 2.5
+    origin[0, 3] += 0.01
+    direction[:2, :2] = [[0.0, -0.9], [0.9, 0.0]]
+    for other in ((edited, affine), (array, spacing), (array, origin), (array, direction),
+                  (array.astype(np.float32), affine)):
+        assert volume_digest(*other) != base
+
+
+def test_keys_follow_device_mixed_precision_and_engine_version():
+    import xaioverlay
+
+    base = ("volume", "model", "gradcam", "class:tumour")
+    key = cache_key(*base, device="cpu", amp=False, version="0.1.0")
+    assert cache_key(*base) == cache_key(*base, device="cpu", amp=False, version=xaioverlay.__version__)
+    for change in ({"device": "cuda:0"}, {"amp": True}, {"version": "0.2.0"}):
+        assert cache_key(*base, **{"device": "cpu", "amp": False, "version": "0.1.0", **change}) != key, change
+        assert segmentation_key("volume", "model", **{"device": "cpu", "amp": False, "version": "0.1.0", **change}) \
+            != segmentation_key("volume", "model", device="cpu", amp=False, version="0.1.0"), change
+
+
+def test_keys_are_made_without_the_engines_dependencies(tmp_path):
+    """In Slicer the module builds keys before PyTorch and MONAI are installed."""
+    import xaioverlay
+
+    code = ("import sys; sys.modules['torch'] = sys.modules['monai'] = None\n"
+            "from XAIOverlayLib.cache import cache_key, engine_version\n"
+            "cache_key('v', 'm', 'gradcam', 'default'); print(engine_version())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(xaioverlay.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == xaioverlay.__version__
+
+
+def _edit_one_voxel(node) -> None:
+    """As Slicer's ``arrayFromVolume`` + ``arrayFromVolumeModified`` do."""
+    from vtk.util import numpy_support
+
+    scalars = node.GetImageData().GetPointData().GetScalars()
+    numpy_support.vtk_to_numpy(scalars)[0] += 500
+    scalars.Modified()
+    node.GetImageData().Modified()
+
+
+def test_a_case_edited_or_hardened_is_known_by_its_voxels_not_its_file(scene, lesion_case):
+    import slicer
+
+    from slicer_support import linear_transform
+    from XAIOverlayLib import cases, nodes
+
+    _, path = lesion_case
+    case = cases.Case("CT_1", path=path)
+    node = cases.load_case(scene, case)
+    as_loaded = nodes.content_digest([node])
+    assert as_loaded == nodes.combine_digests([case.file_digest()])  # the background run's key finds it
+    shift = np.eye(4)
+    shift[0, 3] = 50.0
+    node.SetAndObserveTransformNodeID(linear_transform(scene, shift).GetID())
+    assert nodes.content_digest([node]) == as_loaded  # placed under a transform: same voxels, same frame
+    slicer.vtkSlicerTransformLogic.hardenTransform(node)
+    hardened = nodes.content_digest([node])
+    assert hardened != as_loaded
+    _edit_one_voxel(node)
+    assert nodes.content_digest([node]) not in (as_loaded, hardened)
+
+
+@pytest.mark.parametrize("loaded_by", ["case list", "user"])
+def test_an_edited_volume_is_explained_again_and_an_unchanged_one_is_not(scene, logic, models, lesion_case, loaded_by):
+    from slicer_support import classifier_request, load_volume
+    from XAIOverlayLib import cases, nodes
+
+    _, path = lesion_case
+    if loaded_by == "case list":
+        node = cases.load_case(scene, cases.Case("CT_1", path=path))
+    else:
+        node = load_volume(scene, path, "CT_1")
+    first = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))
+    assert first.state == "done", first.error
+    again = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))
+    assert again.state == "done" and again.request_id is None  # unchanged: from the cache
+    _edit_one_voxel(node)  # voxel (0, 0, 0), outside the head, now the brightest
+    edited = logic.wait(logic.explain(classifier_request(node, models["classifier"], methods=["gradcam"])))
+    assert edited.state == "done" and edited.request_id is not None, edited.error  # computed, not the old map
+    heat = nodes.voxels(logic.map_nodes(edited)[0])
+    assert np.unravel_index(int(np.argmax(heat)), heat.shape) == (0, 0, 0)

@@ -7,22 +7,12 @@ import numpy as np
 import pytest
 import slicer
 
-from slicer_support import head_with_lesion, lesion_mask, load_volume
+from slicer_support import head_with_lesion, lesion_mask, load_volume, segmentation_of
 from xaioverlay.targets import parse_target
 from xaioverlay.volumes import Volume, read_volume, resample_array, write_volume
 from XAIOverlayLib import nodes
 from XAIOverlayLib.logic import ExplainRequest
 from XAIOverlayLib.target_spec import POINT, ROI, SEGMENT, TargetChoice, build_target, target_label
-
-
-def segmentation_of(scene, volume: Volume, mask: np.ndarray, folder):
-    labelmap = nodes.add_volume_from_file(scene, write_volume(Volume(mask.astype(np.uint8), volume.geometry), folder / "seg.nrrd"),
-                                          "lesion", labelmap=True)
-    segmentation = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation)
-    segmentation.CreateDefaultDisplayNodes()
-    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    return segmentation
 
 
 def test_classifier_targets():

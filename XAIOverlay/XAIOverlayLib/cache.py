@@ -1,4 +1,11 @@
-"""Maps computed before, on disk: keyed by (volume content, model, method, parameters, target).
+"""Maps computed before, on disk: keyed by (volume content, model, method, parameters, target, the
+engine's version, device and mixed precision).
+
+The volume content is its voxels and its geometry (spacing, origin, direction: the IJK-to-RAS matrix),
+not the file it came from, so an edited or hardened volume never finds the maps of what it was. A
+parent transform the volume is merely placed under is not part of it: the maps are computed in the
+volume's own frame and shown under the same transform (a region target read through the transform
+names its region in that frame, so it changes the target instead).
 
 One folder per key under the cache root, holding ``map.nrrd`` and ``record.json`` (the method's record
 from ``explanation.json`` plus the run's model, target and output). A folder appears complete or not
@@ -15,6 +22,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 MAP_FILE = "map.nrrd"
 RECORD_FILE = "record.json"
@@ -42,15 +51,42 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def cache_key(volume: str, model: str, method: str, target: str, score: str = "logit", layer: str = "", measured: str = "") -> str:
-    """One map's key. ``method`` is the full spec (its options are its parameters); ``measured`` names
-    the quality measurement stored with the map ("" for none)."""
-    text = json.dumps([volume, model, method, target, score, layer or "", *([measured] if measured else [])])
-    return hashlib.sha256(text.encode()).hexdigest()[:40]
+def engine_version() -> str:
+    """The engine's version (``xaioverlay.__version__``): the package's ``__init__`` imports nothing,
+    so this works before the engine's dependencies (PyTorch, MONAI) are installed."""
+    import xaioverlay
+
+    return xaioverlay.__version__
 
 
-def segmentation_key(volume: str, model: str) -> str:
-    return hashlib.sha256(json.dumps([volume, model, "segmentation"]).encode()).hexdigest()[:40]
+def volume_digest(array: np.ndarray, ijk_to_ras: np.ndarray) -> str:
+    """SHA-256 of one volume: voxel type, shape and values, and its 4×4 IJK-to-RAS matrix (spacing,
+    origin, direction; rounded to 1 µm). ``array``: (I, J, K), any dtype."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256()
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.round(np.asarray(ijk_to_ras, dtype=float), 3).tobytes())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
+
+
+def cache_key(volume: str, model: str, method: str, target: str, score: str = "logit", layer: str = "",
+              measured: str = "", *, device: str = "cpu", amp: bool = False, version: str | None = None) -> str:
+    """One map's key. ``volume`` is the input's content digest (:func:`volume_digest`); ``method`` is
+    the full spec (its options are its parameters); ``measured`` names the quality measurement stored
+    with the map ("" for none); ``version`` defaults to :func:`engine_version`."""
+    run = [device, bool(amp), version or engine_version()]
+    return _key(volume, model, method, target, score, layer or "", *([measured] if measured else []), *run)
+
+
+def segmentation_key(volume: str, model: str, *, device: str = "cpu", amp: bool = False,
+                     version: str | None = None) -> str:
+    """The key of the model's own segmentation of an input (same parts as :func:`cache_key`)."""
+    return _key(volume, model, "segmentation", device, bool(amp), version or engine_version())
 
 
 @dataclass(frozen=True)
@@ -74,7 +110,7 @@ class MapCache:
     def get(self, key: str) -> CachedMap | None:
         folder = self.folder(key)
         try:
-            record = json.loads((folder / RECORD_FILE).read_text())
+            record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         path = folder / MAP_FILE
@@ -90,7 +126,7 @@ class MapCache:
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=folder.parent))
         try:
             shutil.copyfile(volume_file, staging / MAP_FILE)
-            (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
+            (staging / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(staging, folder)

@@ -2,9 +2,11 @@
 
 A folder case is a volume file (NIfTI, NRRD, MetaImage) or a sub-folder holding a DICOM series.
 Loading a case reads it with Slicer's volume storage node (DICOM series with SimpleITK, through the
-engine's reader) and tags the node with the file's digest, so maps computed for the file in the
-background are found in the cache once it is loaded. A case list owns only the nodes it loaded:
-releasing a case never removes a volume the user loaded.
+engine's reader) and tags the node with its file, so maps computed for the file in the background
+are found in the cache once it is loaded (while the node is not edited or hardened). The file's
+digest is read when first needed, on the logic's background thread, unless the next-case run read it
+already. A case list owns only the nodes it loaded: releasing a case never removes a volume the user
+loaded.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ def _case_name(path: Path) -> str:
 
 
 def _holds_dicom(folder: Path) -> bool:
-    for entry in os.scandir(folder):
-        if entry.is_file() and (entry.name.lower().endswith(".dcm") or "." not in entry.name):
-            with open(entry.path, "rb") as handle:
-                handle.seek(128)
-                if handle.read(4) == b"DICM":
-                    return True
+    with os.scandir(folder) as entries:  # closed on the early return: an open handle pins the folder on Windows
+        for entry in entries:
+            if entry.is_file() and (entry.name.lower().endswith(".dcm") or "." not in entry.name):
+                with open(entry.path, "rb") as handle:
+                    handle.seek(128)
+                    if handle.read(4) == b"DICM":
+                        return True
     return False
 
 
@@ -99,7 +102,9 @@ def load_case(scene, case: Case):
     else:
         node = nodes.add_volume_from_file(scene, case.path, case.name)
     node.CreateDefaultDisplayNodes()
-    nodes.set_attributes(node, role=nodes.CASE, caseDigest=case.file_digest(), casePath=str(case.path))
+    # the file's digest stands for the node until it changes; read (off the GUI thread) when first needed
+    nodes.set_attributes(node, role=nodes.CASE, caseDigest=case.digest, casePath=str(case.path),
+                         caseStamp=nodes.loaded_stamp(node))
     case.node_id = node.GetID()
     return node
 

@@ -144,12 +144,27 @@ def display_node(scene, volume):
     return display
 
 
-def style_map(scene, volume, signed: bool, percentile: float = 95.0) -> float:
-    """Colour table, window and threshold of a map node; returns the threshold (magnitude) used."""
+def map_levels(volume, signed: bool, percentile: float, known: dict | None = None) -> tuple[float, float]:
+    """(limit, threshold) of a map node: its largest shown magnitude and :func:`visible_threshold`.
+
+    ``known`` keeps them by (node, voxels' modification time, signed, percentile) for the caller, so
+    moving the threshold slider back and forth computes each quantile of a map once.
+    """
+    key = (volume.GetID(), volume.GetImageData().GetMTime(), bool(signed), round(float(percentile), 3))
+    if known is not None and key in known:
+        return known[key]
     values = nodes.voxels(volume)
     limit = float(np.abs(values).max()) if signed else float(max(values.max(), 0.0))
-    limit = limit or 1.0
-    threshold = visible_threshold(values, signed, percentile)
+    levels = (limit or 1.0, visible_threshold(values, signed, percentile))
+    if known is not None:
+        known[key] = levels
+    return levels
+
+
+def style_map(scene, volume, signed: bool, percentile: float = 95.0, known: dict | None = None) -> float:
+    """Colour table, window and threshold of a map node; returns the threshold (magnitude) used.
+    ``known``: see :func:`map_levels`."""
+    limit, threshold = map_levels(volume, signed, percentile, known)
     display = display_node(scene, volume)
     display.SetAutoWindowLevel(0)
     display.SetInterpolate(1)

@@ -168,10 +168,13 @@ def jump_to(scene, tags: Sequence[str], ras: Sequence[float]) -> None:
 
 
 def peak_ras(volume) -> np.ndarray:
-    """RAS mm of a map's largest value (for signed maps, largest magnitude)."""
+    """World RAS mm of a map's largest value (for signed maps, largest magnitude), through the map's
+    parent transform: where the views must go."""
     values = nodes.voxels(volume)
     index = np.unravel_index(int(np.argmax(np.abs(values))), values.shape)
-    return (nodes.ijk_to_ras(volume) @ np.r_[np.array(index, float), 1.0])[:3]
+    world = [0.0, 0.0, 0.0]
+    volume.TransformPointToWorld((nodes.ijk_to_ras(volume) @ np.r_[np.array(index, float), 1.0])[:3], world)
+    return np.array(world)
 
 
 # --- the comparison table --------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 Work goes to the engine worker (:mod:`xaioverlay.worker`) through a :class:`WorkerClient`; the GUI calls
 :meth:`OverlayLogic.process_events` from a timer (scripts and tests call :meth:`OverlayLogic.wait`).
+No call waits: reading the model, hashing and writing volumes (on a background thread that sees copies
+of the voxels, never MRML) and the worker's answers all come back through ``process_events``, and
+threshold changes from a slider are applied there too, once per tick, with the last value.
 Nodes are made only there, on the caller's thread, and only from complete results: a cancelled or
 failed run changes nothing in the scene. Results are cached on disk (:mod:`.cache`), so a revisit,
 or a case explained in the background before it was opened, shows at once.
@@ -9,12 +12,15 @@ or a case explained in the background before it was opened, shows at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import slicer
 
@@ -43,6 +49,10 @@ class ExplainRequest:
     device: str = "auto"
     evaluate: bool = False  # measure every map (xaioverlay.metrics): faithfulness, localisation, sanity
     reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
+    amp: bool = False  # mixed precision on CUDA
+
+
+_JOB_NUMBERS = itertools.count(1)
 
 
 @dataclass
@@ -63,12 +73,14 @@ class Job:
     segmentation_key: str | None = None
     maps: dict[str, str] = field(default_factory=dict)
     segmentation_id: str | None = None
-    state: str = "running"  # running, cancelling, done, failed, cancelled
+    state: str = "preparing"  # preparing, running, cancelling, done, failed, cancelled
     error: str = ""
+    warnings: list[str] = field(default_factory=list)  # from the worker's result, e.g. non-finite map values
     status: str = ""  # one line for the progress bar: the current stage or method, and its passes
     stage: str = ""
     progress: tuple[int, int, str] = (0, 0, "")
     started: float = field(default_factory=time.monotonic)
+    id: str = field(default_factory=lambda: f"j{next(_JOB_NUMBERS)}")  # the worker request's id too, once sent
 
     @property
     def finished(self) -> bool:
@@ -85,12 +97,27 @@ def measurement(request: ExplainRequest, anatomy, folder: Path | None) -> tuple[
     return str(path), f"measured:{digest}"
 
 
+def cache_keys(request: ExplainRequest, info: dict, digest: str, target_text: str,
+               measured: str) -> tuple[dict[str, str], str | None]:
+    """The cache keys of a request's maps (by method spec) and of the model's segmentation (None for a
+    classifier), for an input of content ``digest`` and a model described by ``info``."""
+    fingerprint = model_fingerprint(request.model)
+    device = request.device if request.device != "auto" else info.get("device", "auto")  # "auto" as resolved
+    run = {"device": device, "amp": request.amp}
+    keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured, **run)
+            for spec in request.methods}
+    return keys, segmentation_key(digest, fingerprint, **run) if info["task"] == "segmentation" else None
+
+
 def model_path(parameters) -> str:
-    """The chosen model, or a one-line error when none is chosen (an unset path reads as ".")."""
+    """The chosen model (a file picked inside a bundle stands for the bundle), or a one-line error when
+    none is chosen (an unset path reads as ".")."""
+    from xaioverlay.model_files import resolve_model_path
+
     path = str(parameters.modelPath)
     if path in ("", "."):
         raise ValueError("choose a model first: a MONAI bundle folder, a spec file (.yaml/.json) or a TorchScript file")
-    return path
+    return str(resolve_model_path(path))
 
 
 def request_from_parameters(parameters) -> ExplainRequest:
@@ -108,6 +135,12 @@ def request_from_parameters(parameters) -> ExplainRequest:
     return ExplainRequest(volumes, model_path(parameters), methods, target, parameters.score.value,
                           parameters.camLayer.strip(), parameters.device.value, parameters.measureQuality,
                           parameters.referenceSegmentation)
+
+
+def unavailable_methods(methods: list[str], info: dict) -> list[str]:
+    """The method specs the engine does not know or the model does not allow (e.g. CAMs on TorchScript)."""
+    allowed = {method["name"] for method in info["methods"] if method["allowed"]}
+    return [spec for spec in methods if spec.split(":")[0] not in allowed]
 
 
 def model_display_name(path: str) -> str:
@@ -134,6 +167,13 @@ class OverlayLogic:
         self.prefetch_next = True
         self.jobs: dict[str, Job] = {}
         self.models: dict[str, dict] = {}  # model fingerprint → the worker's description
+        self._describing: dict[str, str] = {}  # describe request id → model fingerprint
+        self._waiting: dict[str, list[tuple]] = {}  # model fingerprint → (then, failed) callbacks
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="xaioverlay-prepare")
+        self._tasks: list[tuple] = []  # (future, job, then) of work on the background thread
+        self._cleanups: list = []  # futures of finished jobs' folders being removed
+        self._restyle: list | None = None  # maps to restyle at the next process_events (None: none)
+        self._levels: dict = {}  # each map's limit and thresholds, computed once (colours.map_levels)
         self.browser: case_list.CaseBrowser | None = None
         self.last_request: ExplainRequest | None = None
         self.last_job: Job | None = None
@@ -141,58 +181,105 @@ class OverlayLogic:
         self.compare_tags: list[str] = []
 
     # --- the model ---------------------------------------------------------------------------------
-    def describe(self, model: str, device: str = "auto", timeout: float = 300.0) -> dict:
-        """The model's description (task, class names, methods it allows); asks the worker once per model."""
+    def describe(self, model: str, device: str = "auto", then: Callable[[dict], None] | None = None,
+                 failed: Callable[[str], None] | None = None) -> dict | None:
+        """The model's description (task, class names, methods it allows), asked of the worker once per model.
+
+        Never waits: when the description is known it is returned (and ``then(info)`` called at once);
+        otherwise the worker is asked and None returned, and :meth:`process_events` calls ``then(info)``
+        when the answer arrives, or ``failed(message)`` if the model cannot be read.
+        """
         fingerprint = model_fingerprint(model)
-        if fingerprint not in self.models:
+        if fingerprint in self.models:
+            if then is not None:
+                then(self.models[fingerprint])
+            return self.models[fingerprint]
+        waiting = self._waiting.setdefault(fingerprint, [])
+        waiting.append((then, failed))
+        if len(waiting) == 1:  # the first to ask sends the request; the others wait for the same answer
             request_id = self.client.send({"command": "describe", "model": str(model), "device": device})
-            deadline = time.monotonic() + timeout
-            while fingerprint not in self.models:
-                for event in self.client.poll(0.1):
-                    if event.get("id") == request_id and event["event"] == "described":
-                        self.models[fingerprint] = {**event["model"], "methods": event["methods"],
-                                                    "default_methods": event["default_methods"]}
-                    elif event.get("id") == request_id and event["event"] in ("error", "died"):
-                        raise RuntimeError(event["message"])
-                    else:
-                        self._handle(event)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the worker did not describe {model} within {timeout:.0f} s")
-        return self.models[fingerprint]
+            self._describing[request_id] = fingerprint
+        return None
+
+    def _described(self, event: dict) -> None:
+        """The worker's answer to a describe request: call whoever waits for it."""
+        if event.get("event") not in ("described", "error", "died", "cancelled"):
+            return  # "loaded <model>" and the like
+        fingerprint = self._describing.pop(event["id"])
+        waiting = self._waiting.pop(fingerprint, [])
+        if event["event"] == "described":
+            self.models[fingerprint] = answer = {**event["model"], "methods": event["methods"],
+                                                 "default_methods": event["default_methods"]}
+        else:
+            answer = event.get("message") or "the worker stopped before reading the model"
+            log.warning("cannot read the model: %s", answer)
+        for then, failed in waiting:
+            callback = then if event["event"] == "described" else failed
+            try:
+                if callback is not None:
+                    callback(answer)
+            except Exception:  # noqa: BLE001 - one waiter's error must not keep the answer from the others
+                log.exception("handling the model's description failed")
 
     # --- explaining --------------------------------------------------------------------------------
     def explain(self, request: ExplainRequest) -> Job:
-        """Start explaining; cached maps appear at once, the rest when the worker is done."""
+        """Start explaining and return at once; :meth:`process_events` moves the job along.
+
+        Its steps: the model's description (asked once per model), the target and a copy of the inputs'
+        voxels (main thread), their hash for the cache key (background thread), the cached maps into the
+        scene, the inputs written (background thread) and sent to the worker for the rest. Cached maps
+        appear as soon as the inputs are hashed; an error at any step fails the job with its message.
+        """
         if not request.volumes or request.volumes[0] is None:
             raise ValueError("no input volume; choose the volume to explain")
         if not request.methods:
             raise ValueError("no method chosen; choose at least one method to compute")
-        info = self.describe(request.model, request.device)
-        target = replace(request.target, task=info["task"])
         anatomy = request.volumes[0]
-        digest = nodes.content_digest(request.volumes)
-        fingerprint = model_fingerprint(request.model)
-        workdir = Path(tempfile.mkdtemp(prefix="xaioverlay-job-"))
-        try:
-            target_spec, target_text = build_target(target, anatomy, workdir)
-            reference_mask, measured = measurement(request, anatomy, workdir)
-        except Exception:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured)
-                for spec in request.methods}
-        job = Job(list(request.methods), keys, str(request.model), target_text, reference_mask, volume_id=anatomy.GetID(),
-                  workdir=workdir)
-        if info["task"] == "segmentation":
-            job.segmentation_key = segmentation_key(digest, fingerprint)
+        job = Job(list(request.methods), {}, str(request.model), "", volume_id=anatomy.GetID(),
+                  status="reading the model")
+        self.jobs[job.id] = job
         self.last_request = request
-        adopted = self._adopt_background(job)
-        if adopted is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-            self.last_job = adopted
-            return adopted
         self.last_job = job
+        self.describe(request.model, request.device,
+                      then=lambda info: self._step(job, self._prepare, job, request, info),
+                      failed=lambda message: self._step(job, self._fail, job, message))
+        return job
+
+    def _fail(self, job: Job, message: str) -> None:
+        self._finish(job, "failed", message)
+
+    def _prepare(self, job: Job, request: ExplainRequest, info: dict) -> None:
+        """Main thread: what needs the scene (the target's nodes, a copy of the inputs' voxels)."""
+        refused = unavailable_methods(request.methods, info)
+        if refused:
+            allowed = sorted(method["name"] for method in info["methods"] if method["allowed"])
+            raise ValueError(f"method(s) {', '.join(refused)} unknown or not available for this model; "
+                             f"choose from {', '.join(allowed)}")
+        anatomy = self.scene.GetNodeByID(job.volume_id)
+        if anatomy is None:
+            raise ValueError("the input volume was removed from the scene; choose the volume to explain")
+        target = replace(request.target, task=info["task"])
+        job.workdir = workdir = Path(tempfile.mkdtemp(prefix="xaioverlay-job-"))
+        target_spec, target_text = build_target(target, anatomy, workdir)
+        job.reference_mask, measured = measurement(request, anatomy, workdir)
+        job.target_text = target_text
+        job.status = "reading the inputs"
+        snapshots = [nodes.snapshot(volume) for volume in request.volumes]
+        self._in_background(job, lambda: nodes.combine_digests([s.digest() for s in snapshots]),
+                            lambda digest: self._keyed(job, request, info, digest, snapshots, target_spec, measured))
+
+    def _keyed(self, job: Job, request: ExplainRequest, info: dict, digest: str, snapshots: list,
+               target_spec: str | None, measured: str) -> None:
+        """Main thread, once the inputs are hashed: adopt a background run, show cached maps, send the rest."""
+        target_text = job.target_text
+        keys, job.segmentation_key = cache_keys(request, info, digest, target_text, measured)
+        job.keys = keys
+        if self._adopt_background(job):
+            return
         self._cancel_background()
+        anatomy = self.scene.GetNodeByID(job.volume_id)
+        if anatomy is None:
+            raise ValueError("the input volume was removed from the scene; choose the volume to explain")
         for spec in request.methods:
             cached = self.cache.get(keys[spec])
             if cached is not None:
@@ -201,69 +288,85 @@ class OverlayLogic:
             job.segmentation_id = self._segmentation_node(anatomy, self.cache.get(job.segmentation_key), request.model).GetID()
         missing = [spec for spec in request.methods if spec not in job.maps]
         if not missing:
-            return self._finish(job, "done", "all maps from the cache")
-        inputs = [str(nodes.write_volume_file(volume, workdir / f"input_{index}.nrrd")) for index, volume in enumerate(request.volumes)]
-        self._send(job, inputs, missing, target_spec, request)
-        return job
+            self._finish(job, "done", "all maps from the cache")
+            return
+        job.status = "writing the inputs"
+        def write() -> list[str]:  # background thread: files only
+            return [str(s.write(job.workdir / f"input_{n}.nrrd")) for n, s in enumerate(snapshots)]
+
+        self._in_background(job, write, lambda inputs: self._send(job, inputs, missing, target_spec, request))
 
     def _send(self, job: Job, inputs: list[str], methods: list[str], target_spec: str | None, request: ExplainRequest) -> None:
         job.sent = list(methods)
+        job.state = "running"
         job.status = "starting the worker" if not self.client.running else "queued"
         job.request_id = self.client.send({
+            "id": job.id,
             "command": "explain", "model": str(request.model), "device": request.device, "inputs": inputs,
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
-            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask,
+            "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask, "amp": bool(request.amp),
         })
-        self.jobs[job.request_id] = job
 
     def prefetch(self, case: case_list.Case, template: ExplainRequest) -> Job | None:
         """Compute a case's maps in the background (cache only, no nodes); None when nothing to do.
 
         Only single-volume requests whose target needs no node of the current case (a class, or a
-        channel over the model's predicted region) can be prepared ahead.
+        channel over the model's predicted region), for a model already described, can be prepared
+        ahead. The case is hashed (and, for a case in the scene, written) on the background thread.
         """
         if len(template.volumes) != 1 or template.reference is not None:
             return None
         if any(job.background for job in self.jobs.values() if not job.finished):
             return None  # one background run at a time; checked before any hashing
-        info = self.describe(template.model, template.device)
+        info = self.models.get(model_fingerprint(template.model))
+        if info is None:
+            return None  # described before any explanation finishes; never asked for here
         target = replace(template.target, task=info["task"])  # the request's own task is not known before
         if target.needs_region_node:
             return None
         volume = self.scene.GetNodeByID(case.node_id) if case.node_id else None
         if case.from_scene and volume is None:
             return None
-        # a file case not loaded yet is known by its file's digest, as its node will be once loaded
-        digest = nodes.content_digest([volume]) if volume is not None else nodes.combine_digests([case.file_digest()])
-        fingerprint = model_fingerprint(template.model)
         target_spec, target_text = build_target(target, None, None)  # a class or the predicted region: no file
         _, measured = measurement(template, None, None)
-        keys = {spec: cache_key(digest, fingerprint, spec, target_text, template.score, template.layer, measured)
-                for spec in template.methods}
-        missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
-        if not missing:
-            return None
-        job = Job(list(template.methods), keys, str(template.model), target_text, case=case, background=True,
-                  workdir=Path(tempfile.mkdtemp(prefix="xaioverlay-prefetch-")))
-        if info["task"] == "segmentation":
-            job.segmentation_key = segmentation_key(digest, fingerprint)
-        if volume is not None:
-            inputs = [str(nodes.write_volume_file(volume, job.workdir / "input_0.nrrd"))]
-        else:
-            inputs = [str(case.path)]
-        self._send(job, inputs, missing, target_spec, template)
+        job = Job(list(template.methods), {}, str(template.model), target_text, case=case, background=True,
+                  workdir=Path(tempfile.mkdtemp(prefix="xaioverlay-prefetch-")), status="preparing the next case")
+        self.jobs[job.id] = job
+        # a file case not loaded yet is known by its file's digest, as its node will be once loaded
+        source = nodes.snapshot(volume) if volume is not None else None
+
+        def prepare() -> tuple:  # background thread: files and hashes only
+            digest = nodes.combine_digests([source.digest() if source is not None else case.file_digest()])
+            keys, segmentation = cache_keys(template, info, digest, target_text, measured)
+            missing = [spec for spec in template.methods if self.cache.get(keys[spec]) is None]
+            written = source is not None and missing
+            inputs = [str(source.write(job.workdir / "input_0.nrrd")) if written else str(case.path)]
+            return keys, missing, inputs, segmentation
+
+        def send(prepared) -> None:
+            job.keys, missing, inputs, job.segmentation_key = prepared
+            if not missing:
+                self._finish(job, "done", "all maps in the cache already")
+            else:
+                self._send(job, inputs, missing, target_spec, template)
+
+        self._in_background(job, prepare, send)
         return job
 
-    def _adopt_background(self, job: Job) -> Job | None:
-        """A background job computing exactly these maps becomes this request's job."""
-        for running in self.jobs.values():
-            if running.background and not running.finished and all(running.keys.get(s) == k for s, k in job.keys.items()):
-                running.background = False
-                running.volume_id = job.volume_id
-                running.methods = job.methods
-                return running
-        return None
+    def _adopt_background(self, job: Job) -> bool:
+        """A background run computing exactly these maps becomes this job's run (no second request)."""
+        for running in list(self.jobs.values()):
+            if (running.background and running.state == "running" and running is not job
+                    and all(running.keys.get(s) == k for s, k in job.keys.items())):
+                shutil.rmtree(job.workdir, ignore_errors=True)
+                for name in ("request_id", "sent", "workdir", "segmentation_key", "state", "status", "stage",
+                             "progress"):
+                    setattr(job, name, getattr(running, name))
+                running.workdir = None
+                self.jobs.pop(running.id, None)
+                return True
+        return False
 
     def _cancel_background(self) -> None:
         for job in list(self.jobs.values()):
@@ -271,22 +374,47 @@ class OverlayLogic:
                 self.cancel(job)
 
     def cancel(self, job: Job) -> None:
-        """Stop a job; nothing it would have made appears (the worker writes nothing partial)."""
+        """Stop a job, and only that job; nothing it would have made appears (the worker writes nothing partial)."""
         if job.finished:
+            return
+        if job.request_id is None:  # still being prepared: it never reaches the worker
+            self._finish(job, "cancelled", "cancelled")
             return
         job.state = "cancelling"
         job.status = "cancelling"
-        if job.request_id:
-            self.client.cancel(job.request_id)
+        self.client.cancel(job.request_id)
 
     # --- events ------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """True while :meth:`process_events` has something to do (jobs, a model being read, a restyle)."""
+        return bool(self.jobs or self._describing or self._tasks or self._restyle is not None)
+
     def process_events(self, timeout: float = 0.0) -> list[Job]:
-        """Handle the worker's events; returns the jobs that changed (call from a timer)."""
+        """Move everything along: finished background steps, the worker's events, a pending restyle.
+        Returns the jobs that changed. Call it from a timer; it waits at most ``timeout`` seconds."""
         changed: list[Job] = []
-        for event in self.client.poll(timeout):
-            job = self._handle(event)
+
+        def note(job: Job | None) -> None:
             if job is not None and job not in changed:
                 changed.append(job)
+
+        for task in [task for task in self._tasks if task[0].done()]:
+            self._tasks.remove(task)
+            future, job, then = task
+            if future.exception() is not None:
+                self._step(job, self._fail, job, str(future.exception()))
+            else:
+                self._step(job, then, future.result())
+            note(job)
+        for event in self.client.poll(timeout if not self._tasks else min(timeout, 0.05)):
+            if event.get("id") in self._describing:
+                self._described(event)
+                continue
+            note(self._handle(event))
+        if self._restyle is not None:
+            self._apply_percentile()
+        self._cleanups = [cleanup for cleanup in self._cleanups if not cleanup.done()]
         return changed
 
     def wait(self, job: Job, timeout: float = 600.0) -> Job:
@@ -296,11 +424,33 @@ class OverlayLogic:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"explanation not finished within {timeout:.0f} s ({job.status})")
             self.process_events(0.1)
+        for cleanup in self._cleanups:  # its folder is gone too when this returns
+            cleanup.result()
+        self._cleanups.clear()
         return job
+
+    def _in_background(self, job: Job, work: Callable, then: Callable) -> None:
+        """Run ``work()`` on the background thread (it must not touch the scene: copies and files only);
+        :meth:`process_events` then calls ``then(result)`` on the main thread, or fails the job."""
+        self._tasks.append((self._background.submit(work), job, then))
+
+    def _step(self, job: Job, step: Callable, *args) -> None:
+        """One main-thread step of a job (skipped once it has finished, e.g. was cancelled while being
+        prepared); an error fails the job with its one-line message."""
+        if job.finished:
+            return
+        try:
+            step(*args)
+        except Exception as error:  # noqa: BLE001 - shown to the user, never swallowed
+            if not isinstance(error, (ValueError, OSError)):
+                log.exception("preparing the explanation failed")
+            if not job.finished:
+                self._finish(job, "failed", str(error))
 
     def _handle(self, event: dict) -> Job | None:
         kind = event.get("event")
-        job = self.jobs.get(event.get("id"))
+        rid = event.get("id")
+        job = next((job for job in self.jobs.values() if job.request_id is not None and job.request_id == rid), None)
         if kind == "died" and job is None:
             log.warning(event.get("message"))
             return None
@@ -312,13 +462,13 @@ class OverlayLogic:
             job.progress = (int(event.get("done", 0)), int(event.get("total", 0)), event.get("unit", ""))
             done, total, unit = job.progress
             job.status = f"{job.stage or event.get('method', '')} · {done}/{total} {unit}"
-        elif kind == "result":
-            try:
-                self._accept_result(job, event)
-            except Exception as error:  # noqa: BLE001 - shown to the user, never swallowed
-                log.exception("could not load the results")
-                return self._finish(job, "failed", f"could not load the results: {error}")
-            return self._finish(job, "done", f"done in {time.monotonic() - job.started:.1f} s")
+        elif kind == "result":  # stored in the cache on the background thread, then shown
+            job.warnings = [str(line) for line in event.get("warnings") or []]
+            for line in job.warnings:
+                log.warning(line)
+            job.status = "loading the maps"
+            self._in_background(job, lambda: self._store_result(job, event),
+                                lambda stored: self._show_result(job, *stored))
         elif kind == "cancelled":
             return self._finish(job, "cancelled", "cancelled")
         elif kind in ("error", "died"):
@@ -330,35 +480,47 @@ class OverlayLogic:
         job.status = status
         if state == "failed":
             job.error = status
-        if job.request_id:
-            self.jobs.pop(job.request_id, None)
-        if job.workdir is not None:
-            shutil.rmtree(job.workdir, ignore_errors=True)
+        self.jobs.pop(job.id, None)
+        if job.workdir is not None:  # removed on the background thread, after what it may still write there
+            self._cleanups.append(self._background.submit(shutil.rmtree, job.workdir, True))
         if state == "done" and not job.background:
             self._prefetch_after(job)
         return job
 
-    def _accept_result(self, job: Job, event: dict) -> None:
-        record = event["explanation"]
-        out = Path(event["out"])
-        run = {key: record.get(key) for key in ("model", "target", "output", "created", "xaioverlay_version")}
-        stored = {}
-        for spec, method in zip(job.sent, record["methods"]):
-            stored[spec] = self.cache.put(job.keys[spec], out / method["file"], {**method, **run, "request_spec": spec})
-        segmentation = None
-        if event.get("segmentation") and job.segmentation_key:
-            segmentation = self.cache.put(job.segmentation_key, event["segmentation"], {"model": record.get("model")})
-        if job.background:
-            return
-        anatomy = self.scene.GetNodeByID(job.volume_id) if job.volume_id else None
-        if anatomy is None:  # the case was closed meanwhile: the maps stay in the cache only
-            return
-        for spec in job.methods:
-            cached = stored.get(spec) or self.cache.get(job.keys[spec])
-            if cached is not None:
-                job.maps[spec] = self._map_node(anatomy, spec, cached, job.model, job.target_text).GetID()
-        if segmentation is not None:
-            job.segmentation_id = self._segmentation_node(anatomy, segmentation, job.model).GetID()
+    def _store_result(self, job: Job, event: dict) -> tuple:
+        """Background thread: the worker's maps (and segmentation) into the cache; files only."""
+        try:
+            record = event["explanation"]
+            out = Path(event["out"])
+            run = {key: record.get(key) for key in ("model", "target", "output", "created", "xaioverlay_version")}
+            stored = {}
+            for spec, method in zip(job.sent, record["methods"]):
+                record_of_map = {**method, **run, "request_spec": spec}
+                stored[spec] = self.cache.put(job.keys[spec], out / method["file"], record_of_map)
+            segmentation = None
+            if event.get("segmentation") and job.segmentation_key:
+                model = {"model": record.get("model")}
+                segmentation = self.cache.put(job.segmentation_key, event["segmentation"], model)
+        except Exception as error:
+            log.exception("could not store the results")
+            raise OSError(f"could not load the results: {error}") from error
+        return stored, segmentation
+
+    def _show_result(self, job: Job, stored: dict, segmentation) -> None:
+        """Main thread: the stored maps into the scene (unless the job ran in the background)."""
+        anatomy = self.scene.GetNodeByID(job.volume_id) if job.volume_id and not job.background else None
+        try:
+            if anatomy is not None:  # None: the case was closed meanwhile, the maps stay in the cache only
+                for spec in job.methods:
+                    cached = stored.get(spec) or self.cache.get(job.keys[spec])
+                    if cached is not None:
+                        job.maps[spec] = self._map_node(anatomy, spec, cached, job.model, job.target_text).GetID()
+                if segmentation is not None:
+                    job.segmentation_id = self._segmentation_node(anatomy, segmentation, job.model).GetID()
+        except Exception as error:
+            log.exception("could not load the results")
+            raise OSError(f"could not load the results: {error}") from error
+        self._finish(job, "done", f"done in {time.monotonic() - job.started:.1f} s")
 
     def _prefetch_after(self, job: Job) -> None:
         if not self.prefetch_next or self.browser is None or self.last_request is None:
@@ -383,6 +545,7 @@ class OverlayLogic:
         existing = nodes.owned_nodes(self.scene, nodes.MAP, identity=identity)
         node = existing[0] if existing else None
         if node is not None and nodes.attribute(node, "key") == cached.key:
+            node.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return node
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
@@ -399,14 +562,16 @@ class OverlayLogic:
             model=(record.get("model") or {}).get("id", ""), runtime_s=record.get("runtime_s", ""),
             passes=record.get("passes", {}), signed=bool(record.get("signed")), record=record,
         )
-        colours.style_map(self.scene, node, bool(record.get("signed")), self.percentile)
+        colours.style_map(self.scene, node, bool(record.get("signed")), self.percentile, self._levels)
         nodes.place_in_folder(self.scene, node, nodes.xai_folder(self.scene, anatomy, model_display_name(model)))
         return node
 
     def _segmentation_node(self, anatomy, cached, model: str):
-        """The model's predicted segmentation as a segmentation node (drawn as an outline)."""
+        """The model's predicted segmentation as a segmentation node (drawn as an outline), under the
+        volume's parent transform like the maps: it is computed in the volume's own frame."""
         found = nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
         if found:
+            found[0].SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return found[0]
         nodes.remove_nodes(self.scene, nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID()))
         labelmap = nodes.add_volume_from_file(self.scene, cached.path, "model segmentation", labelmap=True)
@@ -416,6 +581,7 @@ class OverlayLogic:
         segmentation.CreateDefaultDisplayNodes()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
         nodes.remove_nodes(self.scene, [labelmap])
+        segmentation.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())  # after the import: no resampling
         for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
             segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
         nodes.set_attributes(segmentation, role=nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
@@ -427,10 +593,23 @@ class OverlayLogic:
         return [self.scene.GetNodeByID(job.maps[spec]) for spec in job.methods if spec in job.maps]
 
     # --- display -----------------------------------------------------------------------------------
-    def set_percentile(self, percentile: float, maps=None) -> None:
+    def set_percentile(self, percentile: float, maps=None, *, coalesce: bool = False) -> None:
+        """Restyle the maps (all the module's when ``maps`` is None) for a new threshold percentile.
+
+        ``coalesce`` (a slider): only record it; the next :meth:`process_events` restyles once, with the
+        last value, however many ticks came in between.
+        """
         self.percentile = float(percentile)
-        for node in maps if maps is not None else nodes.owned_nodes(self.scene, nodes.MAP):
-            colours.style_map(self.scene, node, nodes.attribute(node, "signed") == "true", self.percentile)
+        self._restyle = list(maps) if maps is not None else []
+        if not coalesce:
+            self._apply_percentile()
+
+    def _apply_percentile(self) -> None:
+        maps, self._restyle = self._restyle, None
+        for node in maps or nodes.owned_nodes(self.scene, nodes.MAP):
+            if self.scene.GetNodeByID(node.GetID()) is node:
+                signed = nodes.attribute(node, "signed") == "true"
+                colours.style_map(self.scene, node, signed, self.percentile, self._levels)
 
     def set_opacity(self, opacity: float) -> None:
         self.opacity = float(opacity)
@@ -516,6 +695,7 @@ class OverlayLogic:
     def shutdown(self) -> None:
         for job in list(self.jobs.values()):
             self.cancel(job)
+        self._background.shutdown(wait=False)  # what is queued still runs: the job folders are removed
         self.client.shutdown()
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import slicer
 import vtk
+
+from .cache import file_digest, volume_digest
 
 #: Prefix of every node attribute the module sets.
 PREFIX = "XAIOverlay."
@@ -72,11 +75,32 @@ def remove_nodes(scene, nodes: Iterable) -> None:
 
 
 # --- geometry and voxels -------------------------------------------------------------------------
+def matrix_array(matrix) -> np.ndarray:
+    """A vtkMatrix4x4 as a 4×4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def ijk_to_ras(node) -> np.ndarray:
     """4×4 voxel → RAS mm matrix of a volume node (before any parent transform)."""
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return matrix_array(matrix)
+
+
+def to_world(node) -> np.ndarray:
+    """4×4 matrix from the node's own RAS frame to world RAS through its parent transforms (identity
+    without one). A volume's voxels are in its own frame: that is the frame written for the worker.
+
+    Raises ValueError (one line, naming the fix) when a transform in the chain is not linear.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise ValueError(f"{node.GetName()!r} is under a non-linear transform; harden it first "
+                             "(Data module → right-click → Harden transform)")
+        transform.GetMatrixTransformToWorld(matrix)
+    return matrix_array(matrix)
 
 
 def voxels(node) -> np.ndarray:
@@ -96,22 +120,69 @@ def voxels(node) -> np.ndarray:
 
 
 def voxel_digest(node) -> str:
-    """SHA-256 of a volume's content: voxel type, size, values and IJK-to-RAS (rounded to 1 µm)."""
-    array = np.ascontiguousarray(voxels(node))
-    digest = hashlib.sha256()
-    digest.update(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(np.round(ijk_to_ras(node), 3).tobytes())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
+    """The node's current content (:func:`.cache.volume_digest` of its voxels and IJK-to-RAS)."""
+    return volume_digest(voxels(node), ijk_to_ras(node))
+
+
+def loaded_stamp(node) -> str:
+    """Changes whenever the node's voxels (its image data's modification time) or its geometry change."""
+    image = node.GetImageData()
+    return json.dumps([image.GetMTime() if image is not None else 0, np.round(ijk_to_ras(node), 6).tolist()])
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot:
+    """A volume's voxels and geometry copied on the main thread (:func:`snapshot`), so that hashing and
+    writing them can run on another thread without touching MRML or VTK."""
+
+    array: np.ndarray  # (X, Y, Z), a copy
+    ijk_to_ras: np.ndarray  # 4×4
+    case: tuple[str, str] | None = None  # see unchanged_case
+
+    def digest(self) -> str:
+        """The same text :func:`content_digest` gives the node for this channel (it may read the case file)."""
+        return case_digest(self.case) if self.case else volume_digest(self.array, self.ijk_to_ras)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the voxels to NRRD (uncompressed, atomically) on their exact grid."""
+        from xaioverlay.volumes import Geometry, Volume, write_volume
+
+        geometry = Geometry.from_ijk_to_ras(self.ijk_to_ras, self.array.shape)
+        return write_volume(Volume(self.array, geometry), path, compress=False)
+
+
+def snapshot(node) -> VolumeSnapshot:
+    """Copy a volume node's voxels and geometry (fast: one memory copy) for work off the main thread."""
+    return VolumeSnapshot(np.array(voxels(node)), ijk_to_ras(node), unchanged_case(node))
+
+
+def unchanged_case(node) -> tuple[str, str] | None:
+    """(the file's digest, "" while not computed yet; its path) of the case file the node was loaded
+    from, while the node has not changed since (same :func:`loaded_stamp`); else None."""
+    path = attribute(node, "casePath")
+    if not path or attribute(node, "caseStamp") != loaded_stamp(node):
+        return None
+    return attribute(node, "caseDigest") or "", path
+
+
+def case_digest(case: tuple[str, str]) -> str:
+    """The case file's digest: the one recorded, or read from the file (no MRML: any thread)."""
+    digest, path = case
+    return digest or file_digest(path)
 
 
 def content_digest(nodes: Iterable) -> str:
-    """The identity of one multi-channel input, for the map cache.
+    """The identity of one multi-channel input, for the map cache: its current voxels and geometry.
 
-    A volume loaded from a case file carries that file's digest (``XAIOverlay.caseDigest``), so a case
-    explained in the background before it was loaded is found again once it is.
+    A volume loaded from a case file and not changed since (same :func:`loaded_stamp`) is known by
+    that file's digest (``XAIOverlay.caseDigest``), so a case explained in the background before it
+    was loaded is found again once it is; once edited or hardened it is known by its voxels.
     """
-    return combine_digests([attribute(node, "caseDigest") or voxel_digest(node) for node in nodes])
+    def digest(node) -> str:
+        case = unchanged_case(node)
+        return case_digest(case) if case else voxel_digest(node)
+
+    return combine_digests([digest(node) for node in nodes])
 
 
 def combine_digests(digests: Iterable[str]) -> str:

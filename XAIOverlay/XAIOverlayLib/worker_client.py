@@ -37,10 +37,16 @@ def default_command() -> list[str]:
 
 
 def worker_environment(base: dict | None = None) -> dict:
-    """The environment for the worker: ``xaioverlay`` importable, output unbuffered."""
+    """The environment for the worker: ``xaioverlay`` importable, output unbuffered, text in UTF-8.
+
+    UTF-8 mode makes the worker's pipes (which this client decodes as UTF-8) and every file a library
+    opens without naming an encoding UTF-8, not the Windows code page (cp1252 and the like).
+    """
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join([str(ENGINE_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONUTF8"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 
@@ -153,8 +159,8 @@ class WorkerClient:
         return request["id"]
 
     def cancel(self, request_id: str) -> None:
-        """Ask the worker to stop ``request_id``; if it has not answered within the grace period,
-        :meth:`poll` kills the process (the next request starts a fresh one)."""
+        """Ask the worker to stop ``request_id`` (and nothing else); if it has not answered within the
+        grace period, :meth:`poll` kills the process and sends the other requests in flight again."""
         if request_id not in self._in_flight or not self.running:
             return
         try:
@@ -220,23 +226,21 @@ class WorkerClient:
         return events
 
     def _overdue_cancels(self) -> list[dict]:
+        """Kill a worker that has not stopped a cancelled request within the grace period (stuck in
+        one long step); the requests still wanted go to a fresh worker under their own ids."""
         now = time.monotonic()
-        if any(deadline < now for deadline in self._cancel_deadlines.values()):
-            log.warning("the worker did not stop within %.0f s of cancel; killing it", self.cancel_grace_s)
-            self.kill()
-            try:
-                while True:
-                    self._events.get_nowait()
-            except queue.Empty:
-                pass
-            self.process = None
-            lost = list(self._in_flight)
-            cancelled = set(self._cancel_deadlines)
-            self._in_flight.clear()
-            self._cancel_deadlines.clear()
-            return [
-                {"event": "cancelled", "id": rid} if rid in cancelled else
-                {"event": "error", "id": rid, "message": "the worker was restarted to stop a cancelled run; run this request again"}
-                for rid in lost
-            ]
-        return []
+        if not any(deadline < now for deadline in self._cancel_deadlines.values()):
+            return []
+        log.warning("the worker did not stop within %.0f s of cancel; restarting it", self.cancel_grace_s)
+        self.kill()
+        self.process = None  # what the killed process still reports is ignored (see _accept)
+        cancelled = [rid for rid in self._in_flight if rid in self._cancel_deadlines]
+        wanted = [request for rid, request in self._in_flight.items() if rid not in self._cancel_deadlines]
+        self._in_flight.clear()
+        self._cancel_deadlines.clear()
+        events = [{"event": "cancelled", "id": rid} for rid in cancelled]
+        for request in wanted:  # in the order they were first sent; the new worker loads the model again
+            self.send(request)
+            events.append({"event": "message", "id": request["id"], "stage": "restart",
+                           "message": "worker restarted to stop a cancelled run; running again"})
+        return events

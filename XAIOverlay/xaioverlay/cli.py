@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_warnings(lines: list[str]) -> None:
+    """Conditions the user must know about although the run succeeded (e.g. non-finite map values)."""
+    for line in lines:
+        print(f"xaioverlay: warning: {line}", file=sys.stderr, flush=True)
+
+
 def run_explain(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from .demo import demo_methods
     from .explain import explain
@@ -178,7 +184,9 @@ def run_explain(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     methods = args.methods or demo_methods(model)
     explanation = explain(model, volumes, methods, args.target, score=args.score, layer=args.layer, progress=Progress(printer))
     written = write_outputs(explanation, args.out, montage=not args.no_montage)
-    printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()})
+    printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()},
+                   warnings=explanation.warnings())
+    print_warnings(explanation.warnings())
     if args.progress != "json":
         print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
         for record in explanation.record()["methods"]:
@@ -213,7 +221,9 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     evaluation = evaluate(model, volumes, methods, args.target, score=args.score, layer=args.layer,
                           reference_mask=reference, body_mask=body, options=options, progress=Progress(printer))
     written = write_evaluation(evaluation, args.out)
-    printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()})
+    printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()},
+                   warnings=evaluation.explanation.warnings())
+    print_warnings(evaluation.explanation.warnings())
     if args.progress != "json":
         print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
         from .metrics.report import format_number, table_rows

@@ -20,9 +20,25 @@ from .models.base import CLASSIFICATION, LoadedModel, ModelInput
 from .prediction import Prediction, predict
 from .progress import NO_PROGRESS, Progress
 from .targets import Target, TargetSpec, resolve_target, target_channel, target_value
-from .volumes import Volume, resample_array
+from .volumes import Volume, resample_additive, resample_array
 
 log = logging.getLogger(__name__)
+
+
+def count_non_finite(values: torch.Tensor) -> dict[str, int]:
+    """How many values of ``values`` (any shape) are NaN, +inf and -inf."""
+    return {
+        "nan": int(torch.isnan(values).sum()),
+        "posinf": int(torch.isposinf(values).sum()),
+        "neginf": int(torch.isneginf(values).sum()),
+    }
+
+
+def non_finite_warning(label: str, counts: dict[str, int], total: int) -> str:
+    """E.g. ``"LRP: 12 of 32768 map values were not finite (NaN 12, +inf 0, -inf 0); they are written as 0"``."""
+    bad = sum(counts.values())
+    return (f"{label}: {bad} of {total} map values were not finite (NaN {counts['nan']}, +inf {counts['posinf']}, "
+            f"-inf {counts['neginf']}); they are written as 0")
 
 
 @dataclass
@@ -41,6 +57,14 @@ class MethodResult:
     memory_kind: str
     passes: dict
     extras: dict = field(default_factory=dict)
+    #: Values of the method's map on the model grid that were NaN, +inf or -inf; they are written as 0.
+    non_finite: dict = field(default_factory=lambda: {"nan": 0, "posinf": 0, "neginf": 0})
+
+    def warning(self) -> str | None:
+        """One line for the user when the map had non-finite values, else None."""
+        if not any(self.non_finite.values()):
+            return None
+        return non_finite_warning(self.label, self.non_finite, self.model_grid_map.numel())
 
     def record(self) -> dict:
         values = self.volume.array
@@ -55,6 +79,7 @@ class MethodResult:
             "peak_memory_kind": self.memory_kind,
             "passes": self.passes,
             "value_range": [float(values.min()), float(values.max())],
+            "non_finite": dict(self.non_finite),
             **({"extras": self.extras} if self.extras else {}),
         }
 
@@ -91,6 +116,10 @@ class Explanation:
                                reference.ijk_to_ras(), interpolation="nearest")
         return Volume(array.astype(np.uint8), reference, f"{self.anatomy.name} segmentation")
 
+    def warnings(self) -> list[str]:
+        """One line per method whose map had non-finite values (shown by the CLI and the Slicer module)."""
+        return [line for line in (r.warning() for r in self.results) if line]
+
     def record(self) -> dict:
         """The content of ``explanation.json`` (file names are added by the writer)."""
         return {
@@ -114,19 +143,37 @@ class Explanation:
         }
 
 
-def to_input_grid(values: torch.Tensor, model_input: ModelInput) -> Volume:
-    """A map on the model grid → a float32 :class:`Volume` on the first input's exact grid.
+def to_input_grid(values: torch.Tensor, model_input: ModelInput, *, additive: bool = False) -> tuple[Volume, dict]:
+    """A map on the model grid → a float32 :class:`Volume` on the first input's exact grid, and how it got there.
 
     The model's preprocessing may have reoriented, resampled, cropped or padded the input; the model
-    grid's affine records all of it, so resampling by physical position undoes it (trilinear;
-    zero outside the model's field of view).
+    grid's affine records all of it, so resampling by physical position undoes it (zero outside the
+    model's field of view). Intensities (CAMs, occlusion's mean drop) are interpolated trilinearly;
+    additive maps (each voxel a share of the explained score) are split by overlap volume, so the sum
+    over any region is the same on both grids (see :func:`~xaioverlay.volumes.resample_additive`).
+
+    Returns:
+        (volume, record): the record names the resampling and, for additive maps, the sums on both grids
+        and what fell outside the input's grid.
     """
     array = values.detach().float().cpu().numpy()
     reference = model_input.reference
-    resampled = resample_array(
-        array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="linear"
-    )
-    return Volume(resampled.astype(np.float32), reference, model_input.volumes[0].name)
+    if not additive:
+        resampled = resample_array(
+            array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="linear"
+        )
+        return Volume(resampled.astype(np.float32, copy=False), reference, model_input.volumes[0].name), {
+            "resampling": "trilinear"
+        }
+    resampled = resample_additive(array, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras())
+    model_sum, written_sum = float(array.sum(dtype=np.float64)), float(resampled.sum(dtype=np.float64))
+    record = {
+        "resampling": "overlap-volume (sum-preserving)",
+        "sum_model_grid": model_sum,
+        "sum_written": written_sum,
+        "sum_outside_input_grid": model_sum - written_sum,
+    }
+    return Volume(resampled, reference, model_input.volumes[0].name), record
 
 
 def summarise_output(model: LoadedModel, prediction: Prediction, model_input: ModelInput) -> dict:
@@ -253,15 +300,18 @@ def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Me
         with measure(model.device) as cost:
             attribution = attribute(method, model, model_input, resolved, progress.child(method=method.spec))
         values = attribution.map.detach()
-        if not torch.isfinite(values).all():
-            log.warning("%s produced non-finite values; they are set to 0", method.label)
+        non_finite = count_non_finite(values)
+        if any(non_finite.values()):
+            log.info("%s", non_finite_warning(method.label, non_finite, values.numel()))
             values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        volume, grid_record = to_input_grid(values, model_input, additive=method.additive)
         results.append(
             MethodResult(
                 spec=method.spec, name=method.name, label=method.label, signed=attribution.signed,
-                volume=to_input_grid(values, model_input), model_grid_map=values.cpu(),
+                volume=volume, model_grid_map=values.cpu(),
                 parameters=attribution.parameters, seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
-                memory_kind=cost.memory_kind, passes=model.passes.as_dict(), extras=attribution.extras,
+                memory_kind=cost.memory_kind, passes=model.passes.as_dict(),
+                extras={**attribution.extras, "input_grid": grid_record}, non_finite=non_finite,
             )
         )
         log.info("%s: %.2f s, %s", method.label, cost.seconds, model.passes.as_dict())

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from .errors import ModelError
+from .measure import available_memory_bytes
 
 _REQUEST = re.compile(r"(?:tried to allocate|allocate)\s+([\d.]+)\s*(bytes|[KMGT]i?B)", re.IGNORECASE)
 _UNITS = {"bytes": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
@@ -25,17 +26,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory still available on ``device`` (CUDA: free device memory; CPU: MemAvailable, else 4 GiB)."""
+    """Memory still available on ``device`` (CUDA: free device memory; CPU: see :func:`~.measure.available_memory_bytes`)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
+    return available_memory_bytes()
 
 
 def requested_bytes(error: BaseException) -> int | None:

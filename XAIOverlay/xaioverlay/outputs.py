@@ -34,7 +34,7 @@ def write_json(data: dict, path: Path) -> Path:
     """Atomic JSON write (temporary sibling, then rename)."""
     temporary = atomic_path(path)
     try:
-        with open(temporary, "w") as stream:
+        with open(temporary, "w", encoding="utf-8") as stream:
             json.dump(data, stream, indent=2)
             stream.write("\n")
         os.replace(temporary, path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .integrity import check_dicom_folder, check_volume_file
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,14 @@ def _volume_name(path: Path) -> str:
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in reader.GetGDCMSeriesIDs(str(folder))}
+    chosen = max(files, key=lambda sid: len(files[sid])) if files else ""
+    check_dicom_folder(folder, files.get(chosen, []), {name for names in files.values() for name in names})
+    if not files:
         raise InputError(f"{folder}: folder holds no DICOM series; give a folder of DICOM slices or a volume file")
-    if len(series) > 1:
-        files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-        chosen = max(files, key=lambda sid: len(files[sid]))
-        log.warning("%s holds %d DICOM series; reading the largest (%s)", folder, len(series), chosen)
-    else:
-        chosen = series[0]
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), chosen))
+    if len(files) > 1:
+        log.warning("%s holds %d DICOM series; reading the largest (%s)", folder, len(files), chosen)
+    reader.SetFileNames(files[chosen])
     return reader.Execute()
 
 
@@ -172,6 +172,7 @@ def read_volume(path: str | os.PathLike, *, check_finite: bool = True) -> Volume
                     f"{path}: unsupported file type; give a volume ending in {', '.join(VOLUME_SUFFIXES)} "
                     "or a folder holding a DICOM series"
                 )
+            check_volume_file(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
@@ -247,9 +248,22 @@ def atomic_path(path: Path) -> Path:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:
-    """Write ``volume`` atomically: to a temporary sibling first, then renamed onto ``path``."""
+    """Write ``volume`` atomically: to a temporary sibling first, then renamed onto ``path``.
+
+    A header with a separate data file (``.nhdr``, ``.mhd``) is written with its final names in a
+    temporary sibling folder; the data file is moved into place first, the header last.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.lower().endswith((".nhdr", ".mhd")):
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            sitk.WriteImage(volume.to_sitk(), str(staging / path.name), compress)
+            for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
+                os.replace(item, path.parent / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
     temporary = atomic_path(path)
     try:
         sitk.WriteImage(volume.to_sitk(), str(temporary), compress)
@@ -301,3 +315,123 @@ def resample_volume(volume: Volume, target: Geometry, *, interpolation: str = "l
         volume.array, volume.geometry.ijk_to_ras(), target.size, target.ijk_to_ras(), interpolation=interpolation
     )
     return Volume(array, target, volume.name)
+
+
+#: Working memory (bytes) one slab of :func:`resample_additive` may use.
+_SLAB_BYTES = 64 * 2**20
+
+
+def _axis_permutation(linear: np.ndarray, source_size: Sequence[int]) -> list[int] | None:
+    """Which source axis each target axis follows when the grids differ only by axis order, flips and
+    scale (the usual reorient + respace preprocessing); None when they are rotated against each other.
+
+    ``linear``: 3×3 source index → target index. An entry counts as zero when it moves no point of the
+    source grid by more than 0.01 target voxel.
+    """
+    significant = np.abs(linear) * np.asarray(source_size, float)[None, :] > 0.01
+    if not (significant.sum(0) == 1).all() or not (significant.sum(1) == 1).all():
+        return None
+    return [int(np.flatnonzero(row)[0]) for row in significant]
+
+
+def overlap_weights(scale: float, offset: float, source_count: int, target_count: int) -> np.ndarray:
+    """1D share of each source cell that lies in each target cell.
+
+    Source cell ``j`` spans ``[j − ½, j + ½]`` and lands on ``[scale·(j ∓ ½) + offset]`` in target
+    index units; target cell ``i`` spans ``[i − ½, i + ½]``. Returns (target_count, source_count)
+    float32 whose columns sum to 1 where the source cell lies wholly inside the target range.
+    """
+    ends = scale * (np.arange(source_count)[:, None] + np.array([-0.5, 0.5])) + offset
+    low, high = ends.min(1), ends.max(1)
+    centres = np.arange(target_count)[:, None]
+    overlap = np.minimum(centres + 0.5, high[None, :]) - np.maximum(centres - 0.5, low[None, :])
+    return (np.clip(overlap, 0.0, None) / abs(scale)).astype(np.float32)
+
+
+def _resample_additive_separable(source: np.ndarray, index_map: np.ndarray, order: list[int],
+                                 target_size: Sequence[int]) -> np.ndarray:
+    """Exact overlap weighting, one axis at a time, in slabs of the target's first axis."""
+    src = np.transpose(source, order)
+    w0, w1, w2 = (
+        overlap_weights(index_map[axis, order[axis]], index_map[axis, 3], src.shape[axis], target_size[axis])
+        for axis in range(3)
+    )
+    out = np.zeros(tuple(target_size), np.float32)
+    rows = max(1, _SLAB_BYTES // (4 * target_size[1] * max(src.shape[2], target_size[2]) * 2))
+    for start in range(0, target_size[0], rows):
+        weights = w0[start:start + rows]
+        used = np.flatnonzero(weights.any(0))
+        if not used.size:
+            continue
+        low, high = used[0], used[-1] + 1
+        part = np.tensordot(weights[:, low:high], src[low:high].astype(np.float32, copy=False), axes=(1, 0))
+        out[start:start + rows] = np.matmul(w1, part) @ w2.T
+    return out
+
+
+def _resample_additive_splat(source: np.ndarray, index_map: np.ndarray, target_size: Sequence[int]) -> np.ndarray:
+    """Overlap weighting for rotated grids: each non-zero source voxel is cut into S sub-points at most
+    half a target voxel apart, and each sub-point's share (value / S) is spread trilinearly over the 8
+    target voxels around it (weights summing to 1), a bounded number of source voxels at a time."""
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    counts = [max(1, int(np.ceil(np.abs(linear[:, axis]).max() / 0.5))) for axis in range(3)]
+    steps = np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in counts], indexing="ij")
+    sub_points = np.stack([s.ravel() for s in steps], -1) @ linear.T  # (S, 3) target index units
+    size = np.asarray(target_size)
+    out = np.zeros(tuple(int(n) for n in target_size), np.float32)
+    flat_out, flat = out.reshape(-1), source.reshape(-1)
+    strides = (out.shape[1] * out.shape[2], out.shape[2])
+    per_chunk = max(1, _SLAB_BYTES // (256 * len(sub_points)))
+    for start in range(0, flat.size, per_chunk):
+        values = flat[start:start + per_chunk]
+        keep = np.flatnonzero(values)
+        if not keep.size:
+            continue
+        centres = np.stack(np.unravel_index(start + keep, source.shape), -1) @ linear.T + offset
+        points = (centres[:, None, :] + sub_points[None]).reshape(-1, 3)
+        shares = np.repeat(values[keep].astype(np.float32) / len(sub_points), len(sub_points))
+        floor = np.floor(points)
+        fraction = (points - floor).astype(np.float32).T
+        floor = floor.astype(np.int64).T
+        weights = [(1.0 - f, f) for f in fraction]
+        inside = [((f >= 0) & (f < n), (f >= -1) & (f < n - 1)) for f, n in zip(floor, size)]
+        base = floor[0] * strides[0] + floor[1] * strides[1] + floor[2]
+        for a, b, c in np.ndindex(2, 2, 2):
+            keep_corner = inside[0][a] & inside[1][b] & inside[2][c]
+            weight = weights[0][a] * weights[1][b] * weights[2][c] * shares
+            np.add.at(flat_out, base[keep_corner] + (a * strides[0] + b * strides[1] + c), weight[keep_corner])
+    return out
+
+
+def resample_additive(
+    source: np.ndarray,
+    source_ijk_to_ras: np.ndarray,
+    target_size: Sequence[int],
+    target_ijk_to_ras: np.ndarray,
+) -> np.ndarray:
+    """Resample an additive map (each voxel holds a share of a total, e.g. LRP relevance) so that its sum
+    over any region is kept: each source voxel's value is split over the target voxels it overlaps in
+    proportion to the overlap volume (then each target voxel holds the sum of its shares).
+
+    Grids that differ by axis order, flips, scale and shift (reorienting and respacing) get the exact
+    overlap weights, axis by axis; rotated grids get sub-voxel sampling spread trilinearly (region sums
+    kept to within one target voxel's blur at the region's border; zero voxels cost nothing). What falls
+    outside the target grid is dropped: compare the sums to know how much.
+
+    Args and shapes as :func:`resample_array`; returns a (mi, mj, mk) float32 array. A NaN or infinite
+    source voxel makes the target voxels it overlaps NaN, and no others.
+    """
+    index_map = np.linalg.inv(np.asarray(target_ijk_to_ras, float)) @ np.asarray(source_ijk_to_ras, float)
+    order = _axis_permutation(index_map[:3, :3], source.shape)
+
+    def resample(values: np.ndarray) -> np.ndarray:
+        if order is not None:
+            return _resample_additive_separable(values, index_map, order, target_size)
+        return _resample_additive_splat(values, index_map, target_size)
+
+    bad = ~np.isfinite(source)
+    if not bad.any():
+        return resample(source)
+    result = resample(np.where(bad, 0.0, source).astype(np.float32))
+    result[resample(bad.astype(np.float32)) > 0] = np.nan
+    return result

@@ -11,7 +11,7 @@ Requests::
      "inputs": [NRRD, ...], "methods": ["gradcam", ...], "target": "class:tumour" | null,
      "score": "logit", "layer": null, "out": DIR, "segmentation": true,
      "evaluate": false, "reference_mask": NRRD | null, "metric_options": {...}}
-    {"command": "cancel", "target_id": "r2"}          # no target_id: whatever is running
+    {"command": "cancel", "target_id": "r2"}          # that request only; no target_id: whatever is running
     {"command": "shutdown"}
 
 Events (every event but ``ready`` carries the request's ``id``)::
@@ -20,7 +20,8 @@ Events (every event but ``ready`` carries the request's ``id``)::
     {"event": "message", "message": "Grad-CAM (1/3)", "stage": "method", ...}   # from Progress
     {"event": "progress", "method": "gradcam", "done": 1, "total": 1, "unit": "passes"}
     {"event": "described", "model": {...}, "methods": [...], "default_methods": [...]}
-    {"event": "result", "out": DIR, "explanation": {... explanation.json ...}, "segmentation": FILE | null}
+    {"event": "result", "out": DIR, "explanation": {... explanation.json ...}, "segmentation": FILE | null,
+     "warnings": ["one line per condition the user must see, e.g. non-finite map values", ...]}
     {"event": "error", "message": "one line: problem and fix"}
     {"event": "cancelled"}
 
@@ -30,9 +31,15 @@ predicted label map as ``segmentation.nrrd`` on the same grid. With ``"evaluate"
 also measured by :func:`xaioverlay.metrics.evaluate.evaluate` (faithfulness, localisation against
 ``reference_mask`` or, for segmentation models, the model's own segmentation, sanity, complexity) and
 each method's record in the result carries ``"metrics"``: {column title: value}, the columns of the
-``xaioverlay evaluate`` table except the costs already in the record. A cancelled run writes nothing: the
-progress callback raises :class:`~xaioverlay.errors.Cancelled` at the next report, before any output
-exists. Anything else printed by libraries goes to stderr, never into the event stream.
+``xaioverlay evaluate`` table except the costs already in the record.
+
+Cancel names one request and stops only that one: a request still waiting its turn is answered
+``cancelled`` at once and never run; the running one stops at its next check, which comes at every
+progress report (each sliding window, batch of occluders or IG steps, method) and before every pass
+of the network (each window of the model's own sliding-window inference included; TorchScript
+networks take no hooks, so for them only the reports check). A cancelled run writes nothing: it stops
+before any output exists. Anything else printed by libraries goes to stderr, never into the event
+stream.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, TextIO
@@ -79,8 +87,10 @@ class ModelCache:
         self.models: OrderedDict[tuple, object] = OrderedDict()
 
     def get(self, path: str, device: str = "auto", amp: bool = False):
+        from .model_files import resolve_model_path
         from .models import load_model
 
+        path = str(resolve_model_path(path))  # a bundle's inference.json is the bundle: its weights count too
         key = (model_signature(Path(path)) if Path(path).exists() else (path,), device, bool(amp))
         if key in self.models:
             self.models.move_to_end(key)
@@ -107,17 +117,50 @@ def method_catalogue(model) -> list[dict]:
     ]
 
 
+class CancelCheck:
+    """A forward pre-hook raising :class:`Cancelled` once the worker's running request is cancelled.
+    Copies of the network (the randomisation check copies it) share it rather than copy the worker."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+
+    def __call__(self, module, inputs) -> None:
+        self.worker.check_cancelled()
+
+    def __deepcopy__(self, memo) -> "CancelCheck":
+        return self
+
+
 class Worker:
     """Runs requests one at a time and reports through ``send`` (one JSON-ready dict per event)."""
 
     def __init__(self, send: Callable[[dict], None], models: ModelCache | None = None) -> None:
         self.send = send
         self.models = models or ModelCache()
+        self.cancelled = threading.Event()  # the running request's
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # networks that check it before every pass
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Cancelled` when the running request was cancelled."""
+        if self.cancelled.is_set():
+            raise Cancelled("cancelled by the user")
+
+    def _check_every_pass(self, network) -> None:
+        """Check for cancel before each pass of ``network``: long steps that report nothing (the model's
+        own sliding-window inference, one LRP backward pass) stop at their next window or pass."""
+        if network in self._checked:
+            return
+        try:
+            network.register_forward_pre_hook(CancelCheck(self))
+        except RuntimeError:  # TorchScript takes no hooks: its runs stop at the next progress report
+            pass
+        self._checked.add(network)
 
     def handle(self, request: dict, cancelled: threading.Event) -> None:
         """Run one request; every outcome (result, error, cancelled) ends in exactly one event."""
         rid = request.get("id")
         command = request.get("command")
+        self.cancelled = cancelled
         try:
             if command == "explain":
                 self.explain(request, cancelled)
@@ -137,6 +180,7 @@ class Worker:
         if not request.get("model"):
             raise XAIOverlayError("no model given; choose a MONAI bundle folder, a spec (.yaml/.json) or a TorchScript file")
         model, cached = self.models.get(request["model"], request.get("device", "auto"), bool(request.get("amp", False)))
+        self._check_every_pass(model.network)
         if not cached:
             report({"event": "message", "message": f"loaded {model.model_id}", "stage": "model"})
         return model
@@ -161,8 +205,7 @@ class Worker:
         rid = request.get("id")
 
         def report(event: dict) -> None:
-            if cancelled.is_set():
-                raise Cancelled("cancelled by the user")
+            self.check_cancelled()
             self.send({**event, "id": rid})
 
         for key in ("inputs", "methods", "out"):
@@ -179,8 +222,7 @@ class Worker:
             explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, request, Progress(report))
         else:
             explanation = explain(model, volumes, methods, target, score=score, layer=layer, progress=Progress(report))
-        if cancelled.is_set():
-            raise Cancelled("cancelled by the user")
+        self.check_cancelled()
         segmentation = None
         if request.get("segmentation") and model.task == SEGMENTATION:
             # the label map of the inference the explanation resolved its target on: no second run
@@ -188,10 +230,11 @@ class Worker:
             write_volume(explanation.segmentation(), out / SEGMENTATION_FILE)
             segmentation = str(out / SEGMENTATION_FILE)
         write_outputs(explanation, out, montage=bool(request.get("montage", False)))
-        record = json.loads((out / "explanation.json").read_text())
+        record = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
         for method, measured in zip(record["methods"], metrics or []):
             method["metrics"] = measured
-        self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation})
+        self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation,
+                   "warnings": explanation.warnings()})
 
     def evaluate(self, model, volumes, methods, target, score, layer, request, progress):
         """Explain and measure; returns (the explanation, one {column title: value} per method)."""
@@ -223,8 +266,19 @@ def serve(requests: TextIO, replies: TextIO, worker: Worker | None = None) -> in
     worker = worker or Worker(send)
     worker.send = send
     pending: queue.Queue = queue.Queue()
-    state = {"id": None, "cancelled": threading.Event(), "skip": set()}
+    # the running request's id and cancel flag; requests read but not started; those cancelled before their turn
+    state = {"id": None, "cancelled": threading.Event(), "queued": set(), "skip": set()}
     state_lock = threading.Lock()
+
+    def cancel(target) -> None:
+        with state_lock:
+            if target is None or target == state["id"]:
+                state["cancelled"].set()
+            elif target in state["queued"]:  # not started: answered now, dropped when its turn comes
+                state["queued"].discard(target)
+                state["skip"].add(target)
+                send({"event": "cancelled", "id": target})
+            # otherwise it has finished already (its final event is on its way): nothing to stop
 
     def read() -> None:
         for line in requests:
@@ -240,17 +294,14 @@ def serve(requests: TextIO, replies: TextIO, worker: Worker | None = None) -> in
                 continue
             command = request.get("command")
             if command == "cancel":
-                target = request.get("target_id")
-                with state_lock:
-                    if target is None or target == state["id"]:
-                        state["cancelled"].set()
-                    else:
-                        state["skip"].add(target)
+                cancel(request.get("target_id"))
             elif command == "shutdown":
                 with state_lock:
                     state["cancelled"].set()
                 break
             else:
+                with state_lock:
+                    state["queued"].add(request.get("id"))
                 pending.put(request)
         pending.put(None)
 
@@ -261,10 +312,10 @@ def serve(requests: TextIO, replies: TextIO, worker: Worker | None = None) -> in
         if request is None:
             return 0
         with state_lock:
-            if request.get("id") in state["skip"]:
+            if request.get("id") in state["skip"]:  # answered when it was cancelled
                 state["skip"].discard(request.get("id"))
-                send({"event": "cancelled", "id": request.get("id")})
                 continue
+            state["queued"].discard(request.get("id"))
             state["id"] = request.get("id")
             state["cancelled"] = cancelled = threading.Event()
         worker.handle(request, cancelled)

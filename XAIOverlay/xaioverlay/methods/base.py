@@ -39,6 +39,9 @@ class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     signed: ClassVar[bool] = False
+    #: Each voxel holds a share of the explained score (LRP, gradient×input, IG): the map is moved to the
+    #: input grid keeping its sum over every region; False for intensities (CAMs, occlusion), interpolated.
+    additive: ClassVar[bool] = False
     #: Hooks into layers: refused for TorchScript models.
     needs_internals: ClassVar[bool] = False
     #: On sliding-window models the engine runs the method window by window and sums the maps

@@ -83,6 +83,7 @@ class GradientTimesInput(Method):
     name = "gxi"
     label = "Gradient × input"
     signed = True
+    additive = True
     summary = "gradient × input: x ⊙ ∂score/∂x, one backward pass (no option)"
 
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
@@ -97,6 +98,7 @@ class IntegratedGradients(Method):
     name = "ig"
     label = "Integrated gradients"
     signed = True
+    additive = True
     summary = f"integrated gradients (option: STEPS and/or BASELINE {'|'.join(BASELINES)}, e.g. ig:64/blurred; default 64/zero)"
     demo_spec = "ig:16"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
+from ..model_files import is_bundle, resolve_model_path
 from .base import CLASSIFICATION, SEGMENTATION, LoadedModel, ModelInput, SlidingWindow, resolve_device
-from .bundle import is_bundle, load_bundle
+from .bundle import load_bundle
 from .spec import SPEC_SUFFIXES, load_spec
 from .torchscript import load_torchscript
 
@@ -23,11 +23,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", amp
     """Load a model from a MONAI bundle folder, a spec file (.yaml/.json) or a TorchScript file.
 
     Args:
-        path: bundle folder, spec file or TorchScript file.
+        path: bundle folder (or a file or sub-folder inside it, see :func:`resolve_model_path`), spec file
+            or TorchScript file.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: mixed precision on CUDA (ignored on CPU).
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such model file or folder; give a MONAI bundle folder, a spec (.yaml/.json) or TorchScript (.ts/.pt)")
     torch_device = resolve_device(device)

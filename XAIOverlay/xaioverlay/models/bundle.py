@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..errors import ModelError
 from . import config
@@ -18,10 +19,6 @@ from .base import CLASSIFICATION, SEGMENTATION, LoadedModel, file_digest
 from .weights import apply_state_dict, load_state_dict
 
 log = logging.getLogger(__name__)
-
-
-def is_bundle(path: Path) -> bool:
-    return path.is_dir() and (path / "configs").is_dir()
 
 
 def _config_file(path: Path, stem: str) -> Path | None:
@@ -44,6 +41,18 @@ def _task(metadata: dict, sliding_window: bool) -> str:
     return SEGMENTATION if sliding_window else CLASSIFICATION
 
 
+def _read_config(path: Path) -> dict:
+    """A bundle config file read as UTF-8 (MONAI's own reader uses the system's encoding: cp1252 on Windows)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        content = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path}: cannot parse the bundle config ({str(error)[:160]})") from None
+    if not isinstance(content, dict):
+        raise ModelError(f"{path}: a bundle config must hold a mapping")
+    return content
+
+
 def load_bundle(path: Path, device: torch.device, amp: bool = False) -> LoadedModel:
     """Load a MONAI bundle directory (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``)."""
     from monai.bundle import ConfigParser
@@ -53,12 +62,9 @@ def load_bundle(path: Path, device: torch.device, amp: bool = False) -> LoadedMo
         raise ModelError(f"{path}: not a MONAI bundle: configs/inference.json is missing")
     metadata_file = _config_file(path, "metadata")
     parser = ConfigParser()
-    try:
-        parser.read_config(str(inference))
-        if metadata_file is not None:
-            parser.read_meta(str(metadata_file))
-    except (json.JSONDecodeError, ValueError) as error:
-        raise ModelError(f"{inference}: cannot parse the bundle config ({str(error)[:160]})") from None
+    parser.read_config(_read_config(inference))
+    if metadata_file is not None:
+        parser.read_meta(_read_config(metadata_file))
     metadata = parser.get("_meta_", {}) or {}
     parser["bundle_root"] = str(path)
     parser["device"] = device

@@ -19,10 +19,16 @@ Example ``model.yaml``::
 ``{_target_: UNet, spatial_dims: 3, ...}`` (MONAI's config style) is accepted as well. Loading and
 channel-first steps (``LoadImaged``, ``EnsureChannelFirstd``) are skipped: volumes are read with their
 geometry by XAIOverlay.
+
+A spec stays data: the network is a class of ``monai.networks.nets`` that downloads nothing (no
+``pretrained``), and preprocessing uses only :data:`SPEC_TRANSFORMS` — spatial, intensity and type
+steps; nothing that writes files, logs, downloads or takes code (``SaveImaged``, ``DataStatsd``,
+``Lambdad``). Anything else needs a MONAI bundle, whose config is code (trusted sources only).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +42,20 @@ from .weights import apply_state_dict, load_state_dict
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
+#: The ``monai.transforms`` a spec's preprocessing may name (loading steps are skipped).
+SPEC_TRANSFORMS = (
+    *config.LOADING_TRANSFORMS,
+    "Orientationd", "Spacingd", "Resized", "SpatialPadd", "DivisiblePadd", "BorderPadd", "CenterSpatialCropd",
+    "SpatialCropd", "CropForegroundd", "ResizeWithPadOrCropd", "Flipd", "Rotate90d",
+    "ScaleIntensityRanged", "ScaleIntensityRangePercentilesd", "ScaleIntensityd", "NormalizeIntensityd",
+    "ThresholdIntensityd", "ShiftIntensityd", "ClipIntensityPercentilesd",
+    "EnsureTyped", "CastToTyped", "ToTensord", "Identityd",
+)
+
 
 def read_spec(path: Path) -> dict:
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ModelError(f"{path}: not valid YAML/JSON ({str(error).splitlines()[0][:160]})") from None
     if not isinstance(spec, dict):
@@ -74,12 +90,17 @@ def component(entry: Any, namespace: Any, kind: str, path: Path) -> tuple[str, d
 
 
 def build_transforms(entries: list, path: Path):
-    """A ``monai.transforms.Compose`` from spec entries (loading steps skipped)."""
+    """A ``monai.transforms.Compose`` from spec entries (loading steps skipped; only :data:`SPEC_TRANSFORMS`)."""
     import monai.transforms
 
     items = []
     for entry in entries or []:
         name, args = component(entry, monai.transforms, "transform", path)
+        if name not in SPEC_TRANSFORMS:
+            raise ModelError(
+                f"{path}: transform {name} is not allowed in a data-only spec (it may write, download or run code); "
+                f"allowed: {', '.join(SPEC_TRANSFORMS)}; use a MONAI bundle from a trusted source for anything else"
+            )
         if name in config.LOADING_TRANSFORMS:
             continue
         try:
@@ -87,6 +108,20 @@ def build_transforms(entries: list, path: Path):
         except TypeError as error:
             raise ModelError(f"{path}: bad arguments for {name}: {error}") from None
     return monai.transforms.Compose(items) if items else None
+
+
+def check_network(cls: Any, name: str, args: dict, path: Path) -> None:
+    """Refuse what is not a network class, or a network that would download weights when built
+    (an argument about pretrained weights or a URL that is set, by the spec or by default)."""
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ModelError(f"{path}: {name} is not a network class of monai.networks.nets; name one, e.g. UNet")
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    for key, value in {**defaults, **args}.items():
+        if ("pretrain" in key.lower() or "url" in key.lower()) and value:
+            raise ModelError(
+                f"{path}: network {name} with {key}={value!r} would download weights; a spec is data only: "
+                f"set {key}: false and give the trained weights in 'weights'"
+            )
 
 
 def load_spec(path: Path, device: torch.device, amp: bool = False) -> LoadedModel:
@@ -97,6 +132,7 @@ def load_spec(path: Path, device: torch.device, amp: bool = False) -> LoadedMode
         if key not in spec:
             raise ModelError(f"{path}: the spec needs a '{key}' entry (see the README's model spec example)")
     name, args = component(spec["network"], monai.networks.nets, "network", path)
+    check_network(getattr(monai.networks.nets, name), name, args, path)
     try:
         network = getattr(monai.networks.nets, name)(**args)
     except TypeError as error:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ... import sliding
 from ...errors import InputError
 from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method, relative_error
+from ..precision import full_float32
 from .canonizers import canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, Composite
+from .rules import ZBox
 
 
 @dataclass
@@ -38,12 +41,19 @@ class Relevance:
         }
 
 
+def input_bounds(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each channel's minimum and maximum over ``x`` (B, C, X, Y, Z): two tuples of C numbers."""
+    channels = x.detach().transpose(0, 1).flatten(1)
+    return tuple(channels.amin(1).tolist()), tuple(channels.amax(1).tolist())
+
+
 def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composite) -> Relevance:
     """Layer-wise relevance propagation of ``target`` for ``x`` with ``composite``'s rules.
 
     The network runs through ``model.forward`` once; the backward pass is autograd with each layer's
     gradient rewritten by its rule (see :mod:`.rules` and :mod:`.canonizers`). The network is restored
-    on return, also on error.
+    on return, also on error. Both passes run in full float32 (no TF32, see :mod:`..precision`): the
+    rules divide by pre-activations that must match the forward pass's.
 
     Args:
         x: (B, C, X, Y, Z) input on the model's device.
@@ -51,7 +61,7 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
         A :class:`Relevance`.
     """
     network_input = x.detach().requires_grad_(True)
-    with canonized(model.network, composite, network_input) as session, torch.enable_grad():
+    with full_float32(), canonized(model.network, composite, network_input) as session, torch.enable_grad():
         output = model.forward(network_input)
         check_graph(output, session.origins)
         score = target(output)
@@ -70,6 +80,7 @@ class LRP(Method):
     name = "lrp"
     label = "LRP"
     signed = True
+    additive = True
     needs_internals = True
     summary = f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or {', '.join(c for c in COMPOSITES if c != DEFAULT)})"
 
@@ -89,10 +100,34 @@ class LRP(Method):
     def spec(self) -> str:
         return self.name if self.composite.name == DEFAULT else f"{self.name}:{self.composite.name}"
 
+    _whole_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def begin_windows(self, x: torch.Tensor, pads) -> None:
+        # z^B bounds of the whole volume as padded for the windows: each window's own extremes differ (seams)
+        self._whole_bounds = input_bounds(sliding.pad(x, pads))
+
+    def end_windows(self) -> None:
+        self._whole_bounds = None
+
+    def bounded(self, x: torch.Tensor) -> tuple[Composite, dict | None]:
+        """The composite with a z^B first rule's data bounds set to numbers: each channel's minimum and
+        maximum over the whole volume (also in a window-by-window run), and those numbers for the record."""
+        first = self.composite.first
+        if not isinstance(first, ZBox) or (first.low is not None and first.high is not None):
+            return self.composite, None
+        whole = self._whole_bounds if self.window is not None else None
+        low, high = whole or input_bounds(x)
+        rule = replace(first, low=low if first.low is None else first.low,
+                       high=high if first.high is None else first.high)
+        return replace(self.composite, first=rule), {"low": list(low), "high": list(high), "from": "whole volume"}
+
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        result = lrp(model, x, target, self.composite)
+        composite, bounds = self.bounded(x)
+        result = lrp(model, x, target, composite)
         progress(1, 1, unit="passes")
         parameters = {"composite": self.composite.name, "rules": self.composite.describe()}
+        if bounds is not None:
+            parameters["input_bounds"] = bounds
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
 
     @classmethod

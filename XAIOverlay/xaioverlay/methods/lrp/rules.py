@@ -207,32 +207,47 @@ class Gamma(Rule):
         return f"gamma({self.gamma:g})"
 
 
+Bound = float | tuple[float, ...] | None
+
+
+def _bound_text(value: Bound) -> str:
+    if value is None:
+        return "data"
+    return f"{value:g}" if isinstance(value, (int, float)) else "[" + ",".join(f"{v:g}" for v in value) + "]"
+
+
 @dataclass(frozen=True)
 class ZBox(Rule):
     """z^B rule for inputs bounded by ``low ≤ x ≤ high`` (Montavon et al. 2017).
 
     ``R_j = Σ_k (x_j w_jk − l_j w⁺_jk − h_j w⁻_jk) / Σ_j (...) R_k`` with the effective weights
-    ``w = s ⊙ W``. Bounds left as None are each sample's minimum and maximum input value.
+    ``w = s ⊙ W``. A bound is one number, one number per input channel, or None: each channel's
+    extreme value in the input the rule sees. The :class:`~.attribution.LRP` method sets the bounds from
+    the whole volume before it runs, so that sliding windows all use the same ones.
     """
 
     input_only: ClassVar[bool] = True
-    low: float | None = None
-    high: float | None = None
+    low: Bound = None
+    high: Bound = None
 
-    def _bound(self, x: torch.Tensor, value: float | None, reduce) -> torch.Tensor:
-        """(B, 1, ...) per-sample bound: the given value, or the sample's extreme input value."""
-        if value is not None:
-            return torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float(value), dtype=x.dtype, device=x.device)
-        return reduce(x.flatten(1), dim=1).values.reshape(-1, *([1] * (x.ndim - 1)))
+    def _bound(self, x: torch.Tensor, value: Bound, reduce) -> torch.Tensor:
+        """(B or 1, C or 1, 1, ...) bound: the given value(s), or each sample's and channel's extreme input value."""
+        spread = [1] * (x.ndim - 2)
+        if value is None:
+            return reduce(x.flatten(2), dim=2).values.reshape(*x.shape[:2], *spread)
+        values = torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(1, -1, *spread)
+        if values.shape[1] not in (1, x.shape[1]):
+            raise ValueError(f"z^B rule: {values.shape[1]} bounds for an input of {x.shape[1]} channels")
+        return values
 
     def relevance(self, layer, x, grad, z):
         relevance = z * grad
         low, high = self._bound(x, self.low, torch.min), self._bound(x, self.high, torch.max)
         if layer.scale is None and layer.module is not None:
-            # constant bounds: L⁺(l) = l · L⁺(1), and L(x) = z − t is known: two convolutions of ones
-            ones = torch.ones_like(x[:1])
+            # bounds constant over space: L⁺(l) and L⁻(h) are convolutions of constant maps; L(x) = z − t is known
             linear = z if layer.shift is None else z - layer.shift
-            out = linear - low * layer.linear(ones, "positive") - high * layer.linear(ones, "negative")
+            spread = (-1, x.shape[1], *x.shape[2:])
+            out = linear - layer.linear(low.expand(spread), "positive") - layer.linear(high.expand(spread), "negative")
             weights = divide(relevance, out)
             return (x * layer.adjoint(weights, x.shape) - low * layer.adjoint(weights, x.shape, "positive")
                     - high * layer.adjoint(weights, x.shape, "negative"))
@@ -244,8 +259,9 @@ class ZBox(Rule):
         return x.detach() * gx + low.detach() * glow + high.detach() * ghigh
 
     def describe(self) -> str:
-        bounds = "data" if self.low is None and self.high is None else f"{self.low:g},{self.high:g}"
-        return f"zbox({bounds})"
+        if self.low is None and self.high is None:
+            return "zbox(data)"
+        return f"zbox({_bound_text(self.low)},{_bound_text(self.high)})"
 
 
 @dataclass(frozen=True)

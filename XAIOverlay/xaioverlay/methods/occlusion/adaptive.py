@@ -34,6 +34,7 @@ from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution
+from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .method import Occlusion, run_record
@@ -184,7 +185,7 @@ class AdaptiveOcclusion(Occlusion):
         finest_volume = math.prod(finest.box_size)
         used, results, scorers = 0, [], {}
         estimate = torch.zeros(x.shape[2:], device=x.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), full_float32():
             for number, grid in enumerate(levels):
                 key = self.options.fill if self.options.fill != "blur" else grid.box_size
                 if key not in scorers:

@@ -10,6 +10,7 @@ from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method
+from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .options import Lengths, OccluderOptions, parse_occlusion
@@ -84,7 +85,7 @@ class Occlusion(Method):
 
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
         grid = self.grid(x.shape[2:])
-        with torch.inference_mode():
+        with torch.inference_mode(), full_float32():
             fill = fill_values(x, self.options.fill, grid.box_size)
             scorer = OcclusionScorer(model, x, fill, target, self.speedups, self.batch_size)
             boxes = grid.boxes(x.device)
