@@ -41,6 +41,7 @@ from xaioverlay.measure import measure  # noqa: E402
 from xaioverlay.methods.occlusion import BRUTE_FORCE, AdaptiveOcclusion, Occlusion  # noqa: E402
 from xaioverlay.methods.occlusion.options import Lengths, OccluderOptions  # noqa: E402
 from xaioverlay.models import load_model  # noqa: E402
+from xaioverlay.prediction import predict  # noqa: E402
 from xaioverlay.targets import resolve_target  # noqa: E402
 from xaioverlay.volumes import write_volume  # noqa: E402
 
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         model = load_model(bundle_path(CLASSIFIER), device=args.device)
         model_input = model.preprocess([phantom.image])
         x = model_input.tensor
-        target = resolve_target("class:tumour", model, model_input, model.infer(x))
+        target = resolve_target("class:tumour", model, model_input, predict(model, x))
         rows = [
             run_row("MONAI OcclusionSensitivity", model, lambda: monai_map(model, x, size, stride, args.batch, index=target.index)),
             run_row("Captum Occlusion", model, lambda: captum_map(model, x, size, stride, args.batch, index=target.index)),
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
             mask = write_volume(phantom.tumour_mask, Path(folder) / "tumour.nrrd")
             model_input = model.preprocess([phantom.image])
             x = model_input.tensor
-            target = resolve_target(f"channel:tumour@mask:{mask}", model, model_input, model.infer(x))
+            target = resolve_target(f"channel:tumour@mask:{mask}", model, model_input, predict(model, x))
         rows = [run_row("MONAI OcclusionSensitivity", model, lambda: monai_map(model, x, size, stride, args.batch, target=target))]
         if args.captum_segmenter:
             rows.append(run_row("Captum Occlusion", model, lambda: captum_map(model, x, size, stride, args.batch, target=target)))

@@ -14,6 +14,7 @@ from xaioverlay.methods import build_method
 from xaioverlay.methods.base import Attribution, Method
 from xaioverlay.methods.cam import gradcam, gradcam_plus_plus, hirescam
 from xaioverlay.models import load_model
+from xaioverlay.prediction import predict
 from xaioverlay.targets import resolve_target
 from xaioverlay.volumes import Geometry, Volume
 
@@ -109,8 +110,7 @@ def test_window_by_window_gradient_equals_gradient_through_monai_sliding_window_
     shape = (36, 20, 12)  # larger than the window along two axes, smaller along one (padding)
     volume = Volume(torch.rand(shape).numpy(), Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     model_input = model.preprocess([volume])
-    logits = model.infer(model_input.tensor)
-    target = resolve_target("channel:1@box:-30,-15,2,-5,-5,8", model, model_input, logits)
+    target = resolve_target("channel:1@box:-30,-15,2,-5,-5,8", model, model_input, predict(model, model_input.tensor))
     windowed = attribute(InputGradient(), model, model_input, target).map
 
     x = model_input.tensor.detach().requires_grad_(True)

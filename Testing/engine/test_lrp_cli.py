@@ -13,6 +13,7 @@ from conftest import blob_volume, oblique_geometry, save_spec_model
 from xaioverlay.cli import main
 from xaioverlay.explain import explain
 from xaioverlay.models import load_model
+from xaioverlay.prediction import predict
 from xaioverlay.targets import resolve_target
 from xaioverlay.volumes import Geometry, write_volume
 
@@ -37,7 +38,7 @@ def test_windowed_lrp0_and_gxi_equal_the_gradient_through_monai_sliding_window_i
 
     # reference: the gradient of the same target through MONAI's own sliding-window inference
     model_input = model.preprocess([volume])
-    target = resolve_target(spec_text, model, model_input, model.infer(model_input.tensor))
+    target = resolve_target(spec_text, model, model_input, predict(model, model_input.tensor))
     x = model_input.tensor.clone().requires_grad_(True)
     window = model.sliding_window
     out = sliding_window_inference(x, window.roi_size, 1, model.network, overlap=window.overlap, mode=window.mode,
@@ -73,7 +74,7 @@ def test_windowed_ig_uses_the_whole_volumes_baseline_and_equals_ig_through_monai
     from xaioverlay.methods.gradients import gauss_legendre
 
     model_input = model.preprocess([volume])
-    target = resolve_target(spec_text, model, model_input, model.infer(model_input.tensor))
+    target = resolve_target(spec_text, model, model_input, predict(model, model_input.tensor))
     x = model_input.tensor
     start = make_baseline(x, baseline)  # the whole volume's baseline, not each window's
     window = model.sliding_window

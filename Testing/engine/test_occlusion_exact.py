@@ -14,6 +14,7 @@ from xaioverlay.methods.occlusion import boxes as box_ops
 from xaioverlay.methods.occlusion.fill import fill_values
 from xaioverlay.methods.occlusion.options import Lengths, OccluderOptions
 from xaioverlay.models import load_model
+from xaioverlay.prediction import predict
 from xaioverlay.targets import resolve_target
 from xaioverlay.volumes import Geometry
 
@@ -99,7 +100,7 @@ def test_segmentation_target_equals_captum_on_the_target_wrapped_to_a_scalar(seg
     ours = model_grid_map(segmenter, volume, Occlusion(occluder(4, 2)), target_spec)
     model_input = segmenter.preprocess([volume])
     x = model_input.tensor
-    target = resolve_target(target_spec, segmenter, model_input, segmenter.infer(x))
+    target = resolve_target(target_spec, segmenter, model_input, predict(segmenter, x))
     with torch.no_grad():
         theirs = CaptumOcclusion(lambda batch: target(segmenter.network(batch))).attribute(
             x, sliding_window_shapes=(1, 4, 4, 4), strides=(1, 2, 2, 2), baselines=0.0, perturbations_per_eval=32

@@ -18,7 +18,6 @@ import torch
 
 from slicer_support import head_with_lesion, worker_command
 from xaioverlay.volumes import read_volume, write_volume
-from xaioverlay.worker import label_index_map
 from XAIOverlayLib.worker_client import WorkerClient
 
 
@@ -146,19 +145,6 @@ def test_bad_requests_are_answered_and_the_worker_keeps_serving(worker, models):
     described = run_until(worker, worker.send({"command": "describe", "model": str(models["classifier"])}))
     assert described[-1]["model"]["class_names"] == ["no tumour", "tumour"]
     assert {m["name"] for m in described[-1]["methods"]} >= {"gradcam", "hirescam"}
-
-
-def test_label_index_map_takes_the_highest_positive_channel():
-    labels = torch.zeros(3, 2, 1, 1, dtype=torch.bool)
-    labels[0, 0] = True              # background only → 0
-    labels[1, 1] = labels[2, 1] = True  # two channels on (sigmoid) → 2
-    assert label_index_map(labels).flatten().tolist() == [0, 2]
-
-
-def test_label_index_map_counts_every_sigmoid_channel_as_a_class():
-    labels = torch.zeros(1, 3, 1, 1, dtype=torch.bool)
-    labels[0, 1] = True  # a one-channel sigmoid segmenter: its channel 0 is the foreground
-    assert label_index_map(labels, independent=True).flatten().tolist() == [0, 1, 0]
 
 
 def test_an_unknown_metric_option_is_refused_in_one_line(worker, models, inputs, tmp_path):

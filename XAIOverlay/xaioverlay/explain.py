@@ -15,9 +15,11 @@ from .errors import InputError, ModelError
 from .measure import measure
 from .methods import Method, build_methods
 from .methods.base import Attribution
+from .memory import out_of_memory_as_error
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
+from .prediction import Prediction, predict
 from .progress import NO_PROGRESS, Progress
-from .targets import Target, TargetSpec, resolve_target
+from .targets import Target, TargetSpec, resolve_target, target_channel, target_value
 from .volumes import Volume, resample_additive, resample_array
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,23 @@ class Explanation:
     #: What the maps were computed from, kept for evaluating them (not written to explanation.json).
     model_input: ModelInput | None = field(default=None, repr=False)
     resolved_target: Target | None = field(default=None, repr=False)
+    #: A segmenter's predicted label map on the model grid, (X, Y, Z) small integers (see
+    #: :class:`~xaioverlay.prediction.Prediction`), from the same inference the target was resolved on.
+    labels: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def anatomy(self) -> Volume:
         return self.inputs[0]
+
+    def segmentation(self) -> Volume | None:
+        """The model's predicted label map on the first input's exact grid (nearest neighbour), uint8;
+        None for classifiers."""
+        if self.labels is None or self.model_input is None:
+            return None
+        reference = self.model_input.reference
+        array = resample_array(self.labels.cpu().numpy(), self.model_input.ijk_to_ras, reference.size,
+                               reference.ijk_to_ras(), interpolation="nearest")
+        return Volume(array.astype(np.uint8), reference, f"{self.anatomy.name} segmentation")
 
     def warnings(self) -> list[str]:
         """One line per method whose map had non-finite values (shown by the CLI and the Slicer module)."""
@@ -161,9 +176,10 @@ def to_input_grid(values: torch.Tensor, model_input: ModelInput, *, additive: bo
     return Volume(resampled, reference, model_input.volumes[0].name), record
 
 
-def summarise_output(model: LoadedModel, logits: torch.Tensor, model_input: ModelInput) -> dict:
+def summarise_output(model: LoadedModel, prediction: Prediction, model_input: ModelInput) -> dict:
     """The model's output and decision, as recorded with every explanation."""
     if model.task == CLASSIFICATION:
+        logits = prediction.logits
         probabilities = model.probabilities(logits)[0]
         index = int(logits[0].argmax())
         return {
@@ -172,9 +188,8 @@ def summarise_output(model: LoadedModel, logits: torch.Tensor, model_input: Mode
             "predicted_index": index,
             "predicted": model.class_names[index],
         }
-    labels = model.predicted_labels(logits)[0]
     voxel_ml = abs(np.linalg.det(model_input.ijk_to_ras[:3, :3])) / 1000.0
-    counts = labels.flatten(1).sum(1).tolist()
+    counts = prediction.counts.tolist()
     return {
         "predicted_voxels": {name: int(n) for name, n in zip(model.class_names, counts)},
         "predicted_volume_ml": {name: round(n * voxel_ml, 3) for name, n in zip(model.class_names, counts)},
@@ -260,13 +275,22 @@ def explain(
     """
     if isinstance(methods, str) or (methods and isinstance(methods[0], str)):
         methods = build_methods(methods, layer=layer)
+    with out_of_memory_as_error(model.device, "explaining this volume"):
+        return _explain(model, volumes, methods, target, score, progress)
+
+
+def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Method], target: str | TargetSpec | None,
+             score: str, progress: Progress) -> Explanation:
     progress.message("preprocessing", stage="preprocess")
     model_input = model.preprocess(volumes)
-    logits = model.infer(model_input.tensor)
-    resolved = resolve_target(target, model, model_input, logits, score)
-    with torch.no_grad():
-        target_value = float(resolved(logits)[0])
-    output = summarise_output(model, logits, model_input)
+    progress.message("inference", stage="inference")
+    channel = target_channel(target, model)
+    prediction = predict(model, model_input.tensor, channel, score, progress.child(stage="inference"))
+    resolved = resolve_target(target, model, model_input, prediction, score)
+    value = target_value(resolved, prediction)
+    output = summarise_output(model, prediction, model_input)
+    labels = prediction.labels
+    del prediction  # the channel's scores and region are not needed beyond here
     results = []
     for number, method in enumerate(methods, start=1):
         progress.message(f"{method.label} ({number}/{len(methods)})", stage="method", method=method.spec)
@@ -298,9 +322,10 @@ def explain(
             "spacing_mm": [round(s, 6) for s in model_geometry.spacing],
             "ijk_to_ras": np.round(model_input.ijk_to_ras, 6).tolist(),
         },
-        target={**resolved.describe(), "value": target_value},
+        target={**resolved.describe(), "value": value},
         output=output,
         results=results,
         model_input=model_input,
         resolved_target=resolved,
+        labels=labels,
     )

@@ -10,12 +10,16 @@ same way (an approximation, documented).
 Two layouts: ``monai`` (MONAI's tile placement and importance map) and ``nnunet`` (nnU-Net v2's:
 tiles spread evenly between the first and the last position, Gaussian of σ = tile/8 made by filtering
 a unit impulse at the tile's centre, always tiled, even a volume no larger than one tile).
+
+:func:`blended_blocks` runs the same inference but hands out the blended output block by block, as
+soon as every window covering a block has been run, so that no caller needs the whole multi-channel
+output at once (105 channels on a CT-sized grid are 9.5 GB of float32).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,26 +110,97 @@ def nnunet_gaussian(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Ten
     return torch.from_numpy(smooth).float()
 
 
+def assemble(blocks: Iterable[tuple[tuple[slice, ...], torch.Tensor]], spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Blocks of an output (see :func:`blended_blocks`) put together: (B, K, X, Y, Z); one whole block as it is.
+
+    Holds every channel at every voxel: for small volumes and tests; the engine's paths use the blocks."""
+    out = None
+    for part, block in blocks:
+        if part == (slice(None),) * 3:
+            return block
+        if out is None:
+            out = block.new_empty((block.shape[0], block.shape[1], *spatial_shape))
+        out[(slice(None), slice(None), *part)] = block
+    return out
+
+
 def blended_output(
     forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: SlidingWindow
 ) -> torch.Tensor:
-    """Whole-volume output blended from windows as :func:`blend_weights` places and weighs them.
+    """Whole-volume output (1, K, X, Y, Z) blended from windows as :func:`blend_weights` places and weighs them;
+    differentiable when ``forward`` is. ``forward``: (B, C, *roi) → (B, K, *roi)."""
+    return assemble(blended_blocks(window, x, forward), x.shape[2:])
+
+
+def _cells(size: int, parts: list[slice]) -> list[tuple[int, int]]:
+    """An axis cut at every window start and stop: [(low, high)] cells, each covered by a fixed set of windows."""
+    cuts = sorted({0, size, *(p.start for p in parts), *(p.stop for p in parts)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def blended_blocks(
+    window: SlidingWindow, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+    on_window: Callable[[int, int], None] = lambda done, total: None,
+) -> Iterator[tuple[tuple[slice, slice, slice], torch.Tensor]]:
+    """The model's sliding-window inference of ``forward`` on ``x`` (MONAI's or nnU-Net's layout, see
+    :func:`blend_weights`), yielded block by block.
+
+    The volume is cut into cells at every window start and stop; a cell's blended output
+    (Σ_w g_w · y_w / Σ_w g_w, summed in MONAI's window order, so equal to ``sliding_window_inference``)
+    is yielded once the last window covering it has run, and then forgotten. Only the cells that have
+    some but not all of their windows are held: about one slab of windows' overlap, not the volume.
 
     Args:
-        forward: (B, C, *roi) → (B, K, *roi).
-        x: (1, C, X, Y, Z).
-    Returns:
-        (1, K, X, Y, Z).
+        x: (B, C, X, Y, Z) input.
+        forward: (N, C, *roi) → (N, K, *roi) network output.
+        on_window: called with (windows done, total) after every batch of windows.
+    Yields:
+        (slices of the unpadded (X, Y, Z) grid, (B, K, *block) float32 blended output).
     """
     pads = window_padding(x.shape[2:], window.roi_size)
     padded = pad(x, pads)
     importance, total, slices = blend_weights(window, padded.shape[2:], x.device)
-    result = None
-    for first in range(0, len(slices), window.sw_batch_size):
-        group = slices[first:first + window.sw_batch_size]
+    cells = [_cells(n, [part[axis] for part in slices]) for axis, n in enumerate(padded.shape[2:])]
+    covering: dict[tuple[int, int, int], int] = {}
+    window_cells = []
+    for part in slices:
+        ranges = [[i for i, (low, high) in enumerate(cells[a]) if low >= part[a].start and high <= part[a].stop]
+                  for a in range(3)]
+        inside = list(itertools.product(*ranges))
+        window_cells.append(inside)
+        for cell in inside:
+            covering[cell] = covering.get(cell, 0) + 1
+    held: dict[tuple[int, int, int], torch.Tensor] = {}
+    batch = max(int(window.sw_batch_size), 1)
+    for first in range(0, len(slices), batch):
+        group = slices[first:first + batch]
         out = forward(torch.cat([padded[(slice(None), slice(None), *part)] for part in group]))
-        if result is None:
-            result = out.new_zeros((1, out.shape[1], *padded.shape[2:]))
         for number, part in enumerate(group):
-            result[(slice(None), slice(None), *part)] += out[number:number + 1] * importance
-    return unpad(result / total, pads)
+            weighted = out[number * x.shape[0]:(number + 1) * x.shape[0]] * importance
+            for cell in window_cells[first + number]:
+                bounds = [cells[a][cell[a]] for a in range(3)]
+                local = tuple(slice(low - part[a].start, high - part[a].start) for a, (low, high) in enumerate(bounds))
+                if cell in held:
+                    held[cell] += weighted[(slice(None), slice(None), *local)]
+                else:
+                    held[cell] = weighted[(slice(None), slice(None), *local)].clone()
+                covering[cell] -= 1
+                if covering[cell] == 0:
+                    block = _unpadded(bounds, pads, padded.shape[2:])
+                    if block is not None:
+                        grid = tuple(slice(low, high) for low, high in bounds)
+                        inner = tuple(slice(b.start - low + before, b.stop - low + before)
+                                      for b, (low, _), (before, _) in zip(block, bounds, pads))
+                        yield block, (held[cell] / total[grid])[(slice(None), slice(None), *inner)]
+                    del held[cell]
+            del weighted
+        del out
+        on_window(min(first + batch, len(slices)), len(slices))
+
+
+def _unpadded(bounds: list[tuple[int, int]], pads: list[tuple[int, int]],
+              padded: Sequence[int]) -> tuple[slice, slice, slice] | None:
+    """A cell [low, high) of the padded grid as slices of the unpadded grid; None when it is all padding."""
+    block = tuple(slice(max(low - before, 0), min(high - before, n - before - after))
+                  for (low, high), (before, after), n in zip(bounds, pads, padded))
+    return block if all(b.stop > b.start for b in block) else None

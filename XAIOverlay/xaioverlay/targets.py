@@ -22,6 +22,7 @@ import torch
 
 from .errors import InputError, TargetError, XAIOverlayError
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
+from .prediction import Prediction
 from .volumes import Volume, read_volume, resample_array
 
 SCORES = ("logit", "probability")
@@ -123,13 +124,31 @@ def _activate(output: torch.Tensor, activation: str) -> torch.Tensor:
     return output
 
 
-def default_target(model: LoadedModel, logits: torch.Tensor) -> TargetSpec:
+def default_target(model: LoadedModel, prediction: Prediction | None = None) -> TargetSpec:
     """Classifier: the predicted class. Segmenter: the first foreground channel over its predicted region."""
     if model.task == CLASSIFICATION:
-        index = int(logits[0].argmax())
+        index = int(prediction.logits[0].argmax())
         return TargetSpec("class", str(index), text=f"class:{index}")
     first = 1 if len(model.class_names) > 1 and model.activation != "sigmoid" else 0
     return TargetSpec("channel", str(first), text=f"channel:{first}")
+
+
+def target_channel(spec: TargetSpec | str | None, model: LoadedModel) -> int | None:
+    """The output channel a segmenter's target explains, known before the model runs (None for classifiers),
+    so that :func:`xaioverlay.prediction.predict` keeps that channel and no other."""
+    if model.task == CLASSIFICATION:
+        return None
+    spec = default_target(model) if spec is None else parse_target(spec) if isinstance(spec, str) else spec
+    return model.class_index(spec.key)
+
+
+def target_value(target: "Target", prediction: Prediction) -> float:
+    """The explained score of the model's own output: Σ weights · score of the target channel, or the class score."""
+    if prediction.logits is not None:
+        return float(target(prediction.logits)[0])
+    if prediction.channel != target.index:
+        raise ValueError(f"the prediction kept channel {prediction.channel}, the target explains {target.index}")
+    return float((prediction.scores * target.weights).sum())
 
 
 def voxel_ras(ijk_to_ras: np.ndarray, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
@@ -162,13 +181,16 @@ def mask_on_model_grid(volume: Volume, model_input: ModelInput, what: str, error
     return mask
 
 
-def region_mask(spec: TargetSpec, model: LoadedModel, model_input: ModelInput, logits: torch.Tensor, index: int) -> tuple[torch.Tensor, dict]:
+def region_mask(spec: TargetSpec, model: LoadedModel, model_input: ModelInput, prediction: Prediction,
+                index: int) -> tuple[torch.Tensor, dict]:
     """The target region on the model grid: (X, Y, Z) bool tensor, plus a description."""
     shape = model_input.spatial_shape
     affine = model_input.ijk_to_ras
-    device = logits.device
+    device = model_input.tensor.device
     if spec.region == "":
-        mask = model.predicted_labels(logits)[0, index]
+        if prediction.channel != index:
+            raise ValueError(f"the prediction kept channel {prediction.channel}, the target's region is channel {index}'s")
+        mask = prediction.region
         if not mask.any():
             raise TargetError(
                 f"the model predicts no '{model.class_names[index]}' voxel in this volume, so its predicted region is "
@@ -209,20 +231,21 @@ def resolve_target(
     spec: TargetSpec | str | None,
     model: LoadedModel,
     model_input: ModelInput,
-    logits: torch.Tensor,
+    prediction: Prediction,
     score: str = "logit",
 ) -> Target:
     """Turn a target spec into a :class:`Target` for this model and input.
 
     Args:
         spec: parsed or textual target; None for the default (see :func:`default_target`).
-        logits: the model's whole-volume output for ``model_input`` (from :meth:`LoadedModel.infer`).
+        prediction: the model's decision for ``model_input`` (:func:`xaioverlay.prediction.predict`,
+            keeping the channel :func:`target_channel` names).
         score: ``"logit"`` or ``"probability"``.
     """
     if score not in SCORES:
         raise TargetError(f"unknown score {score!r}; use logit or probability")
     if spec is None:
-        spec = default_target(model, logits)
+        spec = default_target(model, prediction)
     elif isinstance(spec, str):
         spec = parse_target(spec)
     index = model.class_index(spec.key)
@@ -231,7 +254,7 @@ def resolve_target(
         if spec.region:
             raise TargetError(f"target {spec.text!r}: a classifier has no spatial output to restrict; use class:{spec.key}")
         return Target(index, name, score, model.activation, None, {"kind": "class", "spec": spec.text})
-    mask, description = region_mask(spec, model, model_input, logits, index)
+    mask, description = region_mask(spec, model, model_input, prediction, index)
     voxels = int(mask.sum())
     voxel_ml = abs(np.linalg.det(model_input.ijk_to_ras[:3, :3])) / 1000.0
     description.update({"kind": "channel", "spec": spec.text, "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)})

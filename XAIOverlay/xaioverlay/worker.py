@@ -105,33 +105,6 @@ class ModelCache:
         return model, False
 
 
-def label_index_map(labels, independent: bool = False):
-    """Per-voxel label from per-channel decisions: (K, X, Y, Z) bool → (X, Y, Z) int64, 0 where none is on.
-
-    One-hot (softmax) outputs: the channel index (channel 0 is the background). Independent (sigmoid)
-    outputs, where every channel is a class: the highest channel on, plus one.
-    """
-    import torch
-
-    channels = torch.arange(labels.shape[0], device=labels.device).view(-1, 1, 1, 1) + int(independent)
-    return (labels.long() * channels).amax(0)
-
-
-def predicted_segmentation(model, volumes):
-    """The model's predicted label map on the first input's exact grid (nearest neighbour), uint8."""
-    import numpy as np
-
-    from .volumes import Volume, resample_array
-
-    model_input = model.preprocess(volumes)
-    logits = model.infer(model_input.tensor)
-    index = label_index_map(model.predicted_labels(logits)[0], independent=model.activation == "sigmoid")
-    index = index.cpu().numpy().astype(np.uint8)
-    reference = model_input.reference
-    array = resample_array(index, model_input.ijk_to_ras, reference.size, reference.ijk_to_ras(), interpolation="nearest")
-    return Volume(array.astype(np.uint8), reference, f"{volumes[0].name} segmentation")
-
-
 def method_catalogue(model) -> list[dict]:
     """Every registered method, with whether this model allows it and, if not, why (one line)."""
     from .methods import REGISTRY
@@ -248,20 +221,17 @@ class Worker:
         report({"event": "message", "message": "reading inputs done", "stage": "inputs"})
         methods, target = list(request["methods"]), request.get("target")
         score, layer = request.get("score", "logit"), request.get("layer") or None
-        labels = None
-        measured_against_own = request.get("evaluate") and not request.get("reference_mask")
-        if model.task == SEGMENTATION and (request.get("segmentation") or measured_against_own):
-            report({"event": "message", "message": "model segmentation", "stage": "segmentation"})
-            labels = predicted_segmentation(model, volumes)
         metrics = None
         if request.get("evaluate"):
-            explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, labels, request, Progress(report))
+            explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, request, Progress(report))
         else:
             explanation = explain(model, volumes, methods, target, score=score, layer=layer, progress=Progress(report))
         self.check_cancelled()
         segmentation = None
-        if request.get("segmentation") and labels is not None:
-            write_volume(labels, out / SEGMENTATION_FILE)  # before explanation.json, which completes the set
+        if request.get("segmentation") and model.task == SEGMENTATION:
+            # the label map of the inference the explanation resolved its target on: no second run
+            # before explanation.json, which completes the set
+            write_volume(explanation.segmentation(), out / SEGMENTATION_FILE)
             segmentation = str(out / SEGMENTATION_FILE)
         write_outputs(explanation, out, montage=bool(request.get("montage", False)))
         record = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
@@ -270,24 +240,18 @@ class Worker:
         self.send({"event": "result", "id": rid, "out": str(out), "explanation": record, "segmentation": segmentation,
                    "warnings": explanation.warnings()})
 
-    def evaluate(self, model, volumes, methods, target, score, layer, labels, request, progress):
+    def evaluate(self, model, volumes, methods, target, score, layer, request, progress):
         """Explain and measure; returns (the explanation, one {column title: value} per method)."""
-        import numpy as np
-
         from .metrics.evaluate import MetricOptions, columns, evaluate
-        from .volumes import Volume, read_volume
+        from .volumes import read_volume
 
-        reference = None
-        if request.get("reference_mask"):
-            reference = read_volume(request["reference_mask"])
-        elif labels is not None and (labels.array > 0).any():
-            reference = Volume((labels.array > 0).astype(np.uint8), labels.geometry, "model segmentation")
+        reference = read_volume(request["reference_mask"]) if request.get("reference_mask") else None
         given = request.get("metric_options") or {}
         known = {f.name for f in dataclasses.fields(MetricOptions)}
         if set(given) - known:
             raise InputError(f"unknown metric option(s) {', '.join(sorted(set(given) - known))}; known: {', '.join(sorted(known))}")
         evaluation = evaluate(model, volumes, methods, target, score=score, layer=layer, reference_mask=reference,
-                              options=MetricOptions(**given), progress=progress)
+                              reference_from_model=reference is None, options=MetricOptions(**given), progress=progress)
         rows = evaluation.rows()
         table = [column for column in columns(rows) if column.key not in RECORDED_COSTS]
         return evaluation.explanation, [{c.title: row[c.key] for c in table if c.key in row} for row in rows]

@@ -11,23 +11,37 @@ from typing import Mapping
 
 import torch
 
+from .precise import gram64
 
-def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..N along the last axis, ties sharing their average rank.
+
+def centred_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N along the last axis, ties sharing their average rank, minus their mean (N + 1) / 2.
 
     Args:
         values: (B, N).
     Returns:
-        (B, N) float64.
+        (B, N) float32 (computed in integers, exact to float32's precision).
     """
-    ranks = torch.empty(values.shape, dtype=torch.float64, device=values.device)
+    ranks = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+    count = values.shape[-1]
     for row, line in enumerate(values):
         ordered, order = torch.sort(line)
         _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-        ends = torch.cumsum(counts, 0).double()  # last rank of each run of equal values
-        mean_rank = ends - (counts.double() - 1) / 2
-        ranks[row, order] = mean_rank[inverse]
+        ends = torch.cumsum(counts, 0)  # last rank of each run of equal values
+        # twice (mean rank of the run − (N + 1) / 2), an integer: 2·end − (count − 1) − (N + 1)
+        ranks[row, order] = (2 * ends - counts - count).float()[inverse] / 2
     return ranks
+
+
+def rank_correlations(flat: torch.Tensor) -> torch.Tensor:
+    """(M, N) values → (M, M) Spearman correlations, float64; rows constant over N correlate 0 with others."""
+    ranks = centred_ranks(flat)
+    gram = gram64(ranks)
+    norms = gram.diagonal().sqrt()
+    matrix = gram / torch.outer(norms, norms).clamp_min(1e-300)
+    matrix[norms == 0] = 0.0
+    matrix[:, norms == 0] = 0.0
+    return matrix
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,11 +63,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
         x, y = a[row], b[row]
         if mask is not None:
             x, y = x[mask[row]], y[mask[row]]
-        rx, ry = average_ranks(torch.stack([x, y]))
-        rx, ry = rx - rx.mean(), ry - ry.mean()
-        denominator = torch.sqrt((rx * rx).sum() * (ry * ry).sum())
-        if denominator > 0:
-            correlations[row] = (rx * ry).sum() / denominator
+        correlations[row] = rank_correlations(torch.stack([x.float(), y.float()]))[0, 1]
     return correlations
 
 
@@ -67,14 +77,9 @@ def agreement_matrix(maps: Mapping[str, torch.Tensor], mask: torch.Tensor | None
         (names, (M, M) float64 matrix with ones on the diagonal).
     """
     names = list(maps)
-    flat = torch.stack([maps[name].reshape(-1).double() for name in names])
+    flat = torch.stack([maps[name].reshape(-1).float() for name in names])
     if mask is not None:
         flat = flat[:, mask.reshape(-1).to(flat.device)]
-    ranks = average_ranks(flat)
-    ranks = ranks - ranks.mean(1, keepdim=True)
-    norms = ranks.norm(dim=1)
-    matrix = (ranks @ ranks.T) / torch.outer(norms, norms).clamp_min(1e-300)
-    matrix[norms == 0] = 0.0
-    matrix[:, norms == 0] = 0.0
+    matrix = rank_correlations(flat)
     matrix.fill_diagonal_(1.0)
     return names, matrix

@@ -10,6 +10,9 @@ import math
 
 import torch
 
+from . import precise
+from .precise import sum64
+
 
 def gini_sparseness(relevance: torch.Tensor) -> torch.Tensor:
     """Gini index of |relevance| (Chalasani et al. 2020), per batch item.
@@ -21,12 +24,16 @@ def gini_sparseness(relevance: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) float64 in [0, 1); NaN for an all-zero map.
     """
-    magnitude = relevance.reshape(relevance.shape[0], -1).abs().double()
+    magnitude = relevance.reshape(relevance.shape[0], -1).abs().float()
     count = magnitude.shape[1]
     ordered, _ = torch.sort(magnitude, dim=1)
-    weights = 2 * torch.arange(1, count + 1, device=magnitude.device, dtype=torch.float64) - count - 1
-    total = ordered.sum(1)
-    gini = (ordered * weights).sum(1) / (count * total)
+    total = sum64(ordered)
+    weighted = torch.zeros_like(total)
+    for start in range(0, count, precise.CHUNK):
+        stop = min(start + precise.CHUNK, count)
+        weights = 2 * torch.arange(start + 1, stop + 1, device=magnitude.device, dtype=torch.float64) - count - 1
+        weighted += (ordered[:, start:stop].double() * weights).sum(1)
+    gini = weighted / (count * total)
     return torch.where(total > 0, gini, torch.full_like(gini, math.nan))
 
 
@@ -38,9 +45,11 @@ def normalised_entropy(relevance: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) float64 in [0, 1]; NaN for an all-zero map.
     """
-    magnitude = relevance.reshape(relevance.shape[0], -1).abs().double()
-    total = magnitude.sum(1, keepdim=True)
-    p = magnitude / total.clamp_min(1e-300)
-    entropy = -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(1)
+    magnitude = relevance.reshape(relevance.shape[0], -1).abs().float()
+    total = sum64(magnitude)[:, None]
+    entropy = torch.zeros(magnitude.shape[0], dtype=torch.float64, device=magnitude.device)
+    for start in range(0, magnitude.shape[1], precise.CHUNK):
+        p = magnitude[:, start:start + precise.CHUNK].double() / total.clamp_min(1e-300)
+        entropy -= torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(1)
     normalised = entropy / math.log(magnitude.shape[1])
     return torch.where(total[:, 0] > 0, normalised, torch.full_like(normalised, math.nan))

@@ -253,6 +253,7 @@ def evaluate(
     score: str = "logit",
     layer: str | None = None,
     reference_mask: Volume | None = None,
+    reference_from_model: bool = False,
     body_mask: Volume | None = None,
     options: MetricOptions | None = None,
     progress: Progress = NO_PROGRESS,
@@ -262,6 +263,8 @@ def evaluate(
     Args:
         reference_mask: ground truth (or the model's own segmentation) for the localisation metrics;
             None skips them.
+        reference_from_model: without ``reference_mask``, measure localisation against a segmenter's own
+            predicted segmentation (from the explanation's inference; skipped when it is empty).
         body_mask: region (body, brain) inside which maps are compared (agreement, randomisation);
             None compares whole volumes.
         options: metric settings (:class:`MetricOptions`).
@@ -272,6 +275,9 @@ def evaluate(
         if given is not None and not (np.asarray(given.array) > 0).any():
             raise InputError(f"{what} {given.name or ''} is empty; give a mask with voxels > 0")
     explanation = explain(model, volumes, built, target, score=score, layer=layer, progress=progress)
+    own = explanation.segmentation() if reference_from_model and reference_mask is None else None
+    if own is not None and (own.array > 0).any():
+        reference_mask = Volume((own.array > 0).astype(np.uint8), own.geometry, "model segmentation")
     model_input, resolved = explanation.model_input, explanation.resolved_target
     x = model_input.tensor
     device = x.device

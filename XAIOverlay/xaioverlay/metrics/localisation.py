@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .precise import sum64
+
 
 def distance_to_mask_mm(mask: np.ndarray, spacing_mm) -> np.ndarray:
     """Euclidean distance (mm) from every voxel centre to the nearest mask voxel; 0 inside the mask.
@@ -78,10 +80,10 @@ def relevance_mass_accuracy(relevance: torch.Tensor, mask: torch.Tensor) -> torc
     Returns:
         (B,) float64 in [0, 1]; NaN where the map has no positive value.
     """
-    positive = _flat(relevance).clamp_min(0).double()
+    positive = _flat(relevance).clamp_min(0)
     inside = _flat_mask(mask, positive)
-    total = positive.sum(1)
-    share = (positive * inside).sum(1) / total.clamp_min(1e-300)
+    total = sum64(positive)
+    share = sum64(positive, inside) / total.clamp_min(1e-300)
     return torch.where(total > 0, share, torch.full_like(share, float("nan")))
 
 

@@ -178,22 +178,34 @@ class LoadedModel:
             out.register_hook(count_backward)
         return out
 
+    def output_blocks(self, x: torch.Tensor, on_window: Callable[[int, int], None] = lambda done, total: None):
+        """The whole-volume output as the model's own inferer computes it, block by block (no gradients).
+
+        Yields (slices of the (X, Y, Z) grid, (B, K, *block) output); a model without a sliding window,
+        or a volume no larger than one window (nnU-Net's layout: always tiled), gives one block: the whole
+        output. See :func:`xaioverlay.sliding.blended_blocks`: no block outlives the caller's use of it.
+        """
+        from .. import sliding
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            # inference mode around each pass only: a mode entered in a generator would leak into the
+            # caller's code between blocks (and be restored out of order)
+            with torch.inference_mode():
+                return self.forward(inputs)
+
+        if self.task != CLASSIFICATION and self.sliding_window is not None and self.sliding_window.needed(x.shape[2:]):
+            yield from sliding.blended_blocks(self.sliding_window, x, forward, on_window)
+        else:
+            yield (slice(None),) * 3, forward(x)
+
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole-volume output as the model's own inferer computes it (no gradients)."""
-        with torch.inference_mode():
-            window = self.sliding_window
-            if window is not None and window.layout == "nnunet":
-                from ..sliding import blended_output
+        """Whole-volume output as the model's own inferer computes it (no gradients): (B, K) or (B, K, X, Y, Z).
 
-                return blended_output(self.forward, x, window)
-            if window is not None and window.needed(x.shape[2:]):
-                from monai.inferers import sliding_window_inference
+        A segmenter's whole output holds every channel at every voxel; the engine's own paths use
+        :meth:`output_blocks` (or :func:`xaioverlay.prediction.predict`) instead."""
+        from ..sliding import assemble
 
-                return sliding_window_inference(
-                    x, window.roi_size, window.sw_batch_size, self.forward,
-                    overlap=window.overlap, mode=window.mode, sigma_scale=window.sigma_scale,
-                )
-            return self.forward(x)
+        return assemble(self.output_blocks(x), x.shape[2:])
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the output activation along the channel axis (dim 1)."""
@@ -202,12 +214,6 @@ class LoadedModel:
         if self.activation == "sigmoid":
             return torch.sigmoid(logits)
         return logits
-
-    def predicted_labels(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-voxel (or per-case) decision: (B, K, ...) → (B, K, ...) boolean, one-hot for softmax."""
-        if self.activation == "sigmoid":
-            return torch.sigmoid(logits) > 0.5
-        return torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1).bool()
 
     # --- inputs ----------------------------------------------------------------------------
     def preprocess(self, volumes: Sequence[Volume]) -> ModelInput:
