@@ -1,0 +1,139 @@
+"""Bad manifests and cohort folders are refused in one line before any work is scheduled; good ones are read as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xaioverlay.cohort import CaseSettings, run_cohort
+from xaioverlay.cohort.command import progress_line
+from xaioverlay.cohort.manifest import read_cases
+from xaioverlay.cohort.run import check_settings
+from xaioverlay.errors import InputError
+
+BAD_MANIFESTS = {
+    "no_image_column": ("case_id,file\na,a.nrrd\n", "no column image"),
+    "no_case_id_column": ("id,image\na,a.nrrd\n", "no column case_id"),
+    "duplicate_case_id": ("case_id,image\na,a.nrrd\nb,b.nrrd\na,c.nrrd\n", "case id 'a' on lines 2 and 4"),
+    "short_row": ("case_id,image,label\na,a.nrrd\n", "line 2: 2 fields where the header has 3"),
+    "empty_image": ("case_id,image\na,\n", "case 'a' has no image"),
+    "channels_not_consecutive": ("case_id,image,image_3\na,a.nrrd,c.nrrd\n", "not consecutive"),
+    "case_id_not_a_folder_name": ("case_id,image\n../escape,a.nrrd\n", "cannot name a folder"),
+    "header_only": ("case_id,image\n", "no case"),
+    "empty_file": ("", "is empty"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_MANIFESTS)
+def test_bad_manifest_refused_in_one_line_before_any_work(tmp_path, name):
+    text, expected = BAD_MANIFESTS[name]
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as error:
+        run_cohort(manifest, CaseSettings(model=str(tmp_path)), out, scheduler="tcp://127.0.0.1:1")
+    message = str(error.value)
+    assert expected in message and "\n" not in message and str(manifest) in message
+    assert not out.exists(), "refused before the output folder was made, so before any work"
+
+
+def test_unreadable_manifest_refused(tmp_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_bytes(b"case_id,image\n\xff\xfe\x00binary\n")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_cases(manifest)
+    with pytest.raises(InputError, match="does not exist"):
+        read_cases(tmp_path / "missing.csv")
+
+
+def test_folder_without_volumes_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a volume")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.nrrd").write_text("volumes in subfolders are not cases")
+    with pytest.raises(InputError, match="holds no volume"):
+        read_cases(tmp_path)
+
+
+def test_folder_makes_one_case_per_volume_named_without_its_extension(tmp_path):
+    for name in ("b.nii.gz", "a.nrrd", "c.mha", "readme.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = read_cases(tmp_path)
+    assert [(c.case_id, os.path.basename(c.images[0])) for c in cases] == [
+        ("a", "a.nrrd"), ("b", "b.nii.gz"), ("c", "c.mha")]
+    (tmp_path / "a.nii").write_bytes(b"")
+    with pytest.raises(InputError, match="are both case 'a'"):
+        read_cases(tmp_path)
+
+
+def test_manifest_channels_in_order_paths_relative_to_the_manifest(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    manifest = folder / "cases.csv"
+    manifest.write_text("image_3,label,image,case_id,image_2,reference_mask\n"
+                        f"t2.nrrd,1,t1.nrrd,p1,{tmp_path / 'abs.nrrd'},m.nrrd\n"
+                        "u2.nrrd,,u1.nrrd,p2,v.nrrd,\n")
+    first, second = read_cases(manifest)
+    assert first.case_id == "p1" and first.label == "1"
+    assert first.images == (str(folder / "t1.nrrd"), str(tmp_path / "abs.nrrd"), str(folder / "t2.nrrd"))
+    assert first.reference_mask == str(folder / "m.nrrd")
+    assert second.label is None and second.reference_mask is None
+
+
+def test_second_run_in_a_cohort_folder_needs_resume_with_the_same_settings(tmp_path):
+    first = CaseSettings(model=str(tmp_path), methods="gxi")
+    check_settings(tmp_path, first, resume=False)
+    with pytest.raises(InputError, match="already holds a cohort; add --resume"):
+        check_settings(tmp_path, first, resume=False)
+    check_settings(tmp_path, first, resume=True)
+    with pytest.raises(InputError, match=r"other settings \(methods\)"):
+        check_settings(tmp_path, CaseSettings(model=str(tmp_path), methods="gxi,gradcam"), resume=True)
+
+
+def test_progress_line_shows_counts_rate_and_eta():
+    event = {"event": "cohort", "case_id": "c7", "status": "failed", "done": 11, "failed": 1, "remaining": 28,
+             "total": 40, "cases_per_minute": 4.1, "eta_s": 409.0}
+    assert progress_line(event) == ("12/40 cases · 11 done · 1 failed · 28 remaining · 4.1 cases/min · ETA 6.8 min"
+                                    " · c7 failed")
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.run([sys.executable, "-m", "xaioverlay", "cohort", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_bad_manifest_exit_1_one_line(tmp_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(BAD_MANIFESTS["duplicate_case_id"][0])
+    done = run_cli("--model", str(tmp_path), "--cases", str(manifest), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"xaioverlay: error: manifest {manifest}: case id 'a' on lines 2 and 4;"
+                                                " case ids must be unique"]
+
+
+def test_cli_runs_a_folder_of_volumes_on_a_local_cluster_with_json_progress(tmp_path):
+    from conftest import SMALL_DENSENET, save_spec_model
+    from xaioverlay.phantoms import make_phantom
+    from xaioverlay.volumes import write_volume
+
+    from test_cohort_run import SMALL_GRID
+
+    model = save_spec_model(tmp_path / "model", SMALL_DENSENET, task="classification", class_names=["no", "yes"])
+    (tmp_path / "volumes").mkdir()
+    for seed in (1, 2):
+        write_volume(make_phantom(seed, geometry=SMALL_GRID).image, tmp_path / "volumes" / f"case{seed}.nii.gz")
+    done = run_cli("--model", str(model), "--cases", str(tmp_path / "volumes"), "--out", str(tmp_path / "out"),
+                   "--methods", "gxi", "--device", "cpu", "--workers", "1", "--progress", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert events[0]["event"] == "message" and events[0]["message"].startswith("Dask dashboard: ")
+    progress = [e for e in events if e["event"] == "cohort"]
+    assert [(e["done"], e["remaining"], e["total"]) for e in progress] == [(1, 1, 2), (2, 0, 2)]
+    assert events[-1]["event"] == "result" and events[-1]["done"] == 2
+    rows = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in rows[1:]] == [["case1", "gxi", "done"], ["case2", "gxi", "done"]]
+    assert (tmp_path / "out" / "cases" / "case2" / "gxi.nrrd").exists()
