@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -98,42 +95,3 @@ def test_progress_line_shows_counts_rate_and_eta():
              "total": 40, "cases_per_minute": 4.1, "eta_s": 409.0}
     assert progress_line(event) == ("12/40 cases · 11 done · 1 failed · 28 remaining · 4.1 cases/min · ETA 6.8 min"
                                     " · c7 failed")
-
-
-def run_cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return subprocess.run([sys.executable, "-m", "xaioverlay", "cohort", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
-
-
-def test_cli_bad_manifest_exit_1_one_line(tmp_path):
-    manifest = tmp_path / "cases.csv"
-    manifest.write_text(BAD_MANIFESTS["duplicate_case_id"][0])
-    done = run_cli("--model", str(tmp_path), "--cases", str(manifest), "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"xaioverlay: error: manifest {manifest}: case id 'a' on lines 2 and 4;"
-                                                " case ids must be unique"]
-
-
-def test_cli_runs_a_folder_of_volumes_on_a_local_cluster_with_json_progress(tmp_path):
-    from conftest import SMALL_DENSENET, save_spec_model
-    from xaioverlay.phantoms import make_phantom
-    from xaioverlay.volumes import write_volume
-
-    from test_cohort_run import SMALL_GRID
-
-    model = save_spec_model(tmp_path / "model", SMALL_DENSENET, task="classification", class_names=["no", "yes"])
-    (tmp_path / "volumes").mkdir()
-    for seed in (1, 2):
-        write_volume(make_phantom(seed, geometry=SMALL_GRID).image, tmp_path / "volumes" / f"case{seed}.nii.gz")
-    done = run_cli("--model", str(model), "--cases", str(tmp_path / "volumes"), "--out", str(tmp_path / "out"),
-                   "--methods", "gxi", "--device", "cpu", "--workers", "1", "--progress", "json", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert events[0]["event"] == "message" and events[0]["message"].startswith("Dask dashboard: ")
-    progress = [e for e in events if e["event"] == "cohort"]
-    assert [(e["done"], e["remaining"], e["total"]) for e in progress] == [(1, 1, 2), (2, 0, 2)]
-    assert events[-1]["event"] == "result" and events[-1]["done"] == 2
-    rows = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
-    assert [row.split(",")[:3] for row in rows[1:]] == [["case1", "gxi", "done"], ["case2", "gxi", "done"]]
-    assert (tmp_path / "out" / "cases" / "case2" / "gxi.nrrd").exists()

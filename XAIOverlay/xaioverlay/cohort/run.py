@@ -8,6 +8,7 @@ folders (:mod:`.table`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -101,15 +102,20 @@ def start_client(scheduler: str | None, workers: int):
             raise InputError(f"--scheduler {scheduler}: cannot connect ({one_line(error)}); "
                              "check the address (tcp://host:8786) and that the scheduler runs") from None
     # any free port: another cluster may hold Dask's usual 8787 (without bokeh the port serves no dashboard)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    quiet = logging.ERROR if logging.getLogger().getEffectiveLevel() > logging.INFO else logging.INFO
+    for name in ("distributed", "bokeh", "tornado"):  # Dask's own INFO lines unless the user asked for a log
+        logging.getLogger(name).setLevel(quiet)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           silence_logs=quiet)
     return Client(cluster), cluster
 
 
-def dashboard_line(client) -> str:
+def dashboard_line(client, local: bool) -> str:
+    """Where the Dask dashboard is; a local one needs bokeh here (without it the port serves no page)."""
     services = client.scheduler_info().get("services", {})
-    if "dashboard" in services:
-        return f"Dask dashboard: {client.dashboard_link}"
-    return "Dask dashboard: unavailable (install bokeh>=3.1 to get one)"
+    if "dashboard" not in services or (local and importlib.util.find_spec("bokeh") is None):
+        return "Dask dashboard: unavailable (install bokeh>=3.1 for one)"
+    return f"Dask dashboard: {client.dashboard_link}"
 
 
 def progress_event(result: CohortResult, todo: int, started: float, case_id: str, status: str) -> dict:
@@ -173,7 +179,7 @@ def run_cohort(
     client, cluster = start_client(scheduler, count)
     futures = []
     try:
-        result.dashboard = dashboard_line(client)
+        result.dashboard = dashboard_line(client, local=cluster is not None)
         progress({"event": "message", "message": result.dashboard})
         progress({"event": "message", "message": f"{len(todo)} cases to run"
                   + (f" ({result.skipped} complete from an earlier run)" if result.skipped else "")})
