@@ -71,7 +71,7 @@ def test_cli_runs_a_folder_of_volumes_on_a_local_cluster_with_json_progress(tmp_
 def test_ctrl_c_keeps_finished_cases_and_resume_completes_them(tmp_path):
     model, volumes = volumes_folder(tmp_path, range(1, 7))
     args = ["--model", str(model), "--cases", str(volumes), "--out", str(tmp_path / "out"), "--methods", "gxi",
-            "--device", "cpu", "--workers", "1", "--progress", "json"]
+            "--device", "cpu", "--workers", "1", "--progress", "json", "--similar", "0"]  # rows then stay as kept
     process = subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=tmp_path, env=environment())
     for line in process.stdout:

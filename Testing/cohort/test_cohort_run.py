@@ -202,3 +202,29 @@ def test_metrics_are_measured_per_case_into_the_table(inputs, cluster, tmp_path)
         assert 0.0 <= float(rows[("case_00", method)]["relevance_mass"]) <= 1.0  # the manifest's reference_mask
         # case_01 has no tumour: its mask is empty, so it is measured without localisation, not failed
         assert rows[("case_01", method)]["status"] == "done" and rows[("case_01", method)]["relevance_mass"] == ""
+
+
+def test_similar_cases_find_the_same_image_under_another_id(inputs, cluster, tmp_path):
+    local, _ = cluster
+    lines = inputs["manifest"].read_text().splitlines()[:7]
+    lines.append(lines[3].replace("case_02,", "copy_of_02,", 1))
+    manifest = inputs["root"] / "volumes" / "with_copy.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run_cohort(manifest, settings(inputs, similar=3), out, scheduler=local.scheduler_address)
+
+    with open(out / "similar_cases.csv", newline="", encoding="utf-8") as stream:
+        similar = list(csv.DictReader(stream))
+    by_case: dict[str, list[dict]] = {}
+    for row in similar:
+        by_case.setdefault(row["case_id"], []).append(row)
+    assert sorted(by_case) == sorted(["copy_of_02"] + [f"case_{n:02d}" for n in range(6)])
+    for case, rows in by_case.items():
+        assert [row["rank"] for row in rows] == ["1", "2", "3"] and case not in {row["similar_case_id"] for row in rows}
+        values = [float(row["cosine_similarity"]) for row in rows]
+        assert values == sorted(values, reverse=True)
+    for case, copy in (("case_02", "copy_of_02"), ("copy_of_02", "case_02")):
+        assert by_case[case][0]["similar_case_id"] == copy and float(by_case[case][0]["cosine_similarity"]) == 1.0
+    assert by_case["case_00"][0]["cosine_similarity"] != "1.0"
+    table_rows = table(out)
+    assert {row["similar_cases"].split(";")[0] for row in table_rows if row["case_id"] == "case_02"} == {"copy_of_02"}

@@ -49,6 +49,8 @@ class CaseSettings:
     device: str = "auto"
     amp: bool = False
     metrics: object | None = None  # a MetricOptions: measure the maps as `xaioverlay evaluate` does
+    similar: int = 5  # similar cases listed per case (0: no feature vectors)
+    feature_layer: str | None = None  # layer whose pooled activations compare cases (None: automatic)
     torch_threads: int | None = None
 
     def record(self) -> dict:
@@ -59,6 +61,7 @@ class CaseSettings:
             "model": str(Path(self.model).resolve()), "methods": self.methods, "target": self.target,
             "score": self.score, "layer": self.layer, "amp": self.amp,
             "metrics": None if self.metrics is None else dataclasses.asdict(self.metrics),
+            "similar": self.similar, "feature_layer": self.feature_layer,
         }
 
 
@@ -137,8 +140,43 @@ def failed_rows(case: Case, methods: str | None, error: str) -> list[dict]:
             for spec in (split_specs(methods) if methods else [""])]
 
 
+def _explain(case: Case, settings: CaseSettings, model, volumes, methods, staging: Path):
+    """What `explain` (with metrics: `evaluate`) writes, into ``staging``; returns (explanation, table rows)."""
+    if settings.metrics is None:
+        from ..explain import explain
+        from ..outputs import write_outputs
+
+        explanation = explain(model, volumes, methods, settings.target, score=settings.score, layer=settings.layer)
+        write_outputs(explanation, staging)
+        return explanation, done_rows(case, explanation, None)
+    from ..metrics.evaluate import evaluate
+    from ..metrics.report import write_evaluation
+    from ..volumes import read_volume
+
+    reference = read_volume(case.reference_mask) if case.reference_mask else None
+    if reference is not None and not (reference.array > 0).any():
+        reference = None  # a case without the finding (a negative case): no localisation metrics, not a failure
+    evaluation = evaluate(model, volumes, methods, settings.target, score=settings.score, layer=settings.layer,
+                          reference_mask=reference, options=settings.metrics)
+    write_evaluation(evaluation, staging)
+    return evaluation.explanation, done_rows(case, evaluation.explanation, evaluation.rows())
+
+
+def _write_features(settings: CaseSettings, model, x, staging: Path) -> None:
+    """The case's feature vector (see :mod:`.similar`) as ``features.npy``."""
+    import numpy as np
+
+    from .similar import FEATURES_FILE, feature_layer, pooled_features
+
+    probe = x
+    if model.sliding_window is not None and model.sliding_window.needed(x.shape[2:]):
+        probe = x.new_zeros((*x.shape[:2], *model.sliding_window.roi_size))  # what the network sees
+    layer = settings.feature_layer or feature_layer(model, probe)
+    np.save(staging / FEATURES_FILE, pooled_features(model, x, layer), allow_pickle=False)
+
+
 def _run(case: Case, settings: CaseSettings, staging: Path) -> list[dict]:
-    from ..volumes import read_volume, read_volumes
+    from ..volumes import read_volumes
 
     model = cached_model(settings, worker_device(settings.device))
     volumes = read_volumes(list(case.images))
@@ -147,23 +185,10 @@ def _run(case: Case, settings: CaseSettings, staging: Path) -> list[dict]:
         from ..demo import demo_methods
 
         methods = demo_methods(model)
-    if settings.metrics is None:
-        from ..explain import explain
-        from ..outputs import write_outputs
-
-        explanation = explain(model, volumes, methods, settings.target, score=settings.score, layer=settings.layer)
-        write_outputs(explanation, staging)
-        return done_rows(case, explanation, None)
-    from ..metrics.evaluate import evaluate
-    from ..metrics.report import write_evaluation
-
-    reference = read_volume(case.reference_mask) if case.reference_mask else None
-    if reference is not None and not (reference.array > 0).any():
-        reference = None  # a case without the finding (a negative case): no localisation metrics, not a failure
-    evaluation = evaluate(model, volumes, methods, settings.target, score=settings.score, layer=settings.layer,
-                          reference_mask=reference, options=settings.metrics)
-    write_evaluation(evaluation, staging)
-    return done_rows(case, evaluation.explanation, evaluation.rows())
+    explanation, rows = _explain(case, settings, model, volumes, methods, staging)
+    if settings.similar and model.internals_available:
+        _write_features(settings, model, explanation.model_input.tensor, staging)
+    return rows
 
 
 def publish(staging: Path, final: Path) -> None:

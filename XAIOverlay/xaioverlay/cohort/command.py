@@ -21,6 +21,11 @@ def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", action="store_true",
                         help="measure every map as 'xaioverlay evaluate' does (its default settings)")
     parser.add_argument("--no-road", action="store_true", help="with --metrics: skip 3D ROAD (the slowest metric)")
+    parser.add_argument("--similar", type=int, default=5, metavar="K",
+                        help="list each case's K most similar cases in the model's feature space (default 5; 0: off)")
+    parser.add_argument("--feature-layer", default=None, metavar="NAME",
+                        help="layer whose pooled activations compare cases (default: last before a classifier's "
+                             "head, a segmenter's bottleneck)")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="a running Dask scheduler (tcp://host:8786); default: a LocalCluster on this machine")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -62,6 +67,7 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
     settings = CaseSettings(
         model=args.model, methods=args.methods, target=args.target, score=args.score, layer=args.layer,
         device=args.device, amp=args.amp, metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
+        similar=args.similar, feature_layer=args.feature_layer,
     )
     show = printer_for(args.progress)
     try:

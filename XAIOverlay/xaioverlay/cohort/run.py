@@ -170,7 +170,7 @@ def run_cohort(
             todo.append(case)
     if not todo:
         progress({"event": "message", "message": f"all {len(cases)} cases are complete; table rebuilt"})
-        result.files = write_table(cases, out)
+        result.files = write_table(cases, out, settings.similar)
         return result
 
     count, threads = cluster_layout(workers, settings.device)
@@ -214,5 +214,5 @@ def run_cohort(
         if cluster is not None:
             cluster.close()
         clear_stale_staging(cases_dir)  # a worker killed mid-case leaves its staging folder
-        result.files = write_table(cases, out)
+        result.files = write_table(cases, out, settings.similar)
     return result
