@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# nnU-Net's U-Nets and (for the tests) nnU-Net itself, without their timm -> torchvision dependency, which
+# cannot be imported with CPU PyTorch; what they import is listed in pyproject's nnunet/test extras
+NNUNET_NO_DEPS := dynamic-network-architectures==0.4.4 nnunetv2==2.8.1 acvl-utils==0.2.6 batchgenerators==0.25.5 \
+	batchgeneratorsv2==0.3.6
 
 .PHONY: setup demo test check-demo clean
 
@@ -11,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps $(NNUNET_NO_DEPS)
 	touch $(STAMP)
 
 setup: $(STAMP)

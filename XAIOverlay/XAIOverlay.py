@@ -28,7 +28,7 @@ class XAIOverlay(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["XAIOverlay developers"]
         self.parent.helpText = _("""
-Explain a 3D imaging model (MONAI bundle, state dict + spec, TorchScript) on the volumes in the scene:
+Explain a 3D imaging model (nnU-Net folder, MONAI bundle, state dict + spec, TorchScript) on the scene's volumes:
 Grad-CAM, LRP, occlusion and more as colour-mapped overlays, compared side by side in linked views,
 with a table of runtime and quality per method; then click to the next case.
 Documentation: the "3D Slicer module" section of the extension's README (its source is at the
@@ -75,6 +75,7 @@ class XAIOverlayParameterNode:
     channel2Volume: vtkMRMLScalarVolumeNode
     channel3Volume: vtkMRMLScalarVolumeNode
     modelPath: pathlib.Path
+    nnunetFolds: str = ""
     device: Device = Device.Auto
     methods: str = "gradcam,lrp,occlusion"
     camLayer: str = ""
@@ -359,9 +360,10 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
         return ensure_in_slicer()
 
     def describe(self, parameters, then=None, failed=None):  # returns at once: see OverlayLogic.describe
-        from XAIOverlayLib.logic import model_path
+        from XAIOverlayLib.logic import model_options, model_path
 
-        return self.core.describe(model_path(parameters), parameters.device.value, then, failed)
+        return self.core.describe(model_path(parameters), parameters.device.value, then, failed,
+                                  options=model_options(parameters))
 
     @staticmethod
     def reconcileMethods(parameters, info) -> set:

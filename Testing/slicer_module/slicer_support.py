@@ -150,12 +150,12 @@ def scene_node_ids(scene) -> list[str]:
 
 
 
-def describe_now(logic, model, timeout: float = 120.0) -> dict:
+def describe_now(logic, model, timeout: float = 120.0, device: str = "auto", options: dict | None = None) -> dict:
     """The model's description, processing the logic's events until it arrives (its callback)."""
     import time
 
     answers: list = []
-    logic.describe(str(model), then=answers.append, failed=answers.append)
+    logic.describe(str(model), device, then=answers.append, failed=answers.append, options=options)
     deadline = time.monotonic() + timeout
     while not answers:
         assert time.monotonic() < deadline, f"no description of {model} within {timeout} s"

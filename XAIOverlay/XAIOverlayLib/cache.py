@@ -29,15 +29,17 @@ MAP_FILE = "map.nrrd"
 RECORD_FILE = "record.json"
 
 
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """Identity of a model's files (path, names, sizes, modification times; nothing is read).
+def model_fingerprint(path: str | os.PathLike, options: dict | None = None) -> str:
+    """Identity of a model's files (path, names, sizes, modification times; nothing is read) and of the
+    options it is loaded with (nnU-Net folds, checkpoint).
 
     The same signature the worker keys its loaded models by (:func:`xaioverlay.worker.model_signature`).
     """
     from xaioverlay.worker import model_signature
 
     signature = model_signature(Path(path)) if Path(path).exists() else (str(path),)
-    return hashlib.sha256(repr(signature).encode()).hexdigest()[:32]
+    chosen = tuple(sorted((k, v) for k, v in (options or {}).items() if v not in (None, "")))
+    return hashlib.sha256(repr((signature, chosen) if chosen else signature).encode()).hexdigest()[:32]
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -50,6 +50,7 @@ class ExplainRequest:
     evaluate: bool = False  # measure every map (xaioverlay.metrics): faithfulness, localisation, sanity
     reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
     amp: bool = False  # mixed precision on CUDA
+    model_options: dict = field(default_factory=dict)  # nnU-Net folders: {"folds": "0,1"}
 
 
 _JOB_NUMBERS = itertools.count(1)
@@ -101,7 +102,7 @@ def cache_keys(request: ExplainRequest, info: dict, digest: str, target_text: st
                measured: str) -> tuple[dict[str, str], str | None]:
     """The cache keys of a request's maps (by method spec) and of the model's segmentation (None for a
     classifier), for an input of content ``digest`` and a model described by ``info``."""
-    fingerprint = model_fingerprint(request.model)
+    fingerprint = model_fingerprint(request.model, request.model_options)
     device = request.device if request.device != "auto" else info.get("device", "auto")  # "auto" as resolved
     run = {"device": device, "amp": request.amp}
     keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured, **run)
@@ -116,7 +117,8 @@ def model_path(parameters) -> str:
 
     path = str(parameters.modelPath)
     if path in ("", "."):
-        raise ValueError("choose a model first: a MONAI bundle folder, a spec file (.yaml/.json) or a TorchScript file")
+        raise ValueError("choose a model first: an nnU-Net trained-model folder, a MONAI bundle folder, a spec file "
+                         "(.yaml/.json) or a TorchScript file")
     return str(resolve_model_path(path))
 
 
@@ -134,7 +136,13 @@ def request_from_parameters(parameters) -> ExplainRequest:
     methods = [spec.strip() for spec in parameters.methods.split(",") if spec.strip()]
     return ExplainRequest(volumes, model_path(parameters), methods, target, parameters.score.value,
                           parameters.camLayer.strip(), parameters.device.value, parameters.measureQuality,
-                          parameters.referenceSegmentation)
+                          parameters.referenceSegmentation, model_options(parameters))
+
+
+def model_options(parameters) -> dict:
+    """Format options of the module's parameters (only nnU-Net folders take any: the folds)."""
+    folds = (parameters.nnunetFolds or "").replace(" ", "")
+    return {"folds": folds} if folds else {}
 
 
 def unavailable_methods(methods: list[str], info: dict) -> list[str]:
@@ -182,14 +190,14 @@ class OverlayLogic:
 
     # --- the model ---------------------------------------------------------------------------------
     def describe(self, model: str, device: str = "auto", then: Callable[[dict], None] | None = None,
-                 failed: Callable[[str], None] | None = None) -> dict | None:
+                 failed: Callable[[str], None] | None = None, options: dict | None = None) -> dict | None:
         """The model's description (task, class names, methods it allows), asked of the worker once per model.
 
         Never waits: when the description is known it is returned (and ``then(info)`` called at once);
         otherwise the worker is asked and None returned, and :meth:`process_events` calls ``then(info)``
         when the answer arrives, or ``failed(message)`` if the model cannot be read.
         """
-        fingerprint = model_fingerprint(model)
+        fingerprint = model_fingerprint(model, options)  # nnU-Net folds are part of the model's identity
         if fingerprint in self.models:
             if then is not None:
                 then(self.models[fingerprint])
@@ -197,7 +205,8 @@ class OverlayLogic:
         waiting = self._waiting.setdefault(fingerprint, [])
         waiting.append((then, failed))
         if len(waiting) == 1:  # the first to ask sends the request; the others wait for the same answer
-            request_id = self.client.send({"command": "describe", "model": str(model), "device": device})
+            request_id = self.client.send({"command": "describe", "model": str(model), "device": device,
+                                           "model_options": options or {}})
             self._describing[request_id] = fingerprint
         return None
 
@@ -240,7 +249,7 @@ class OverlayLogic:
         self.jobs[job.id] = job
         self.last_request = request
         self.last_job = job
-        self.describe(request.model, request.device,
+        self.describe(request.model, request.device, options=request.model_options,
                       then=lambda info: self._step(job, self._prepare, job, request, info),
                       failed=lambda message: self._step(job, self._fail, job, message))
         return job
@@ -303,6 +312,7 @@ class OverlayLogic:
         job.request_id = self.client.send({
             "id": job.id,
             "command": "explain", "model": str(request.model), "device": request.device, "inputs": inputs,
+            "model_options": request.model_options,
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
             "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask, "amp": bool(request.amp),
@@ -319,7 +329,7 @@ class OverlayLogic:
             return None
         if any(job.background for job in self.jobs.values() if not job.finished):
             return None  # one background run at a time; checked before any hashing
-        info = self.models.get(model_fingerprint(template.model))
+        info = self.models.get(model_fingerprint(template.model, template.model_options))
         if info is None:
             return None  # described before any explanation finishes; never asked for here
         target = replace(template.target, task=info["task"])  # the request's own task is not known before

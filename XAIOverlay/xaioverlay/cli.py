@@ -84,9 +84,21 @@ class ProgressPrinter:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="MONAI bundle folder, spec file (.yaml/.json) or TorchScript file")
+    parser.add_argument("--model", required=True, help="nnU-Net v2 trained-model folder, MONAI bundle folder, "
+                        "spec file (.yaml/.json) or TorchScript file")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on CPU)")
+    parser.add_argument("--folds", default=None, metavar="0,1,...|all",
+                        help="nnU-Net: folds to ensemble (all = fold_all; default: every fold present)")
+    parser.add_argument("--checkpoint", default=None, choices=("final", "best"),
+                        help="nnU-Net: checkpoint_final.pth (default) or checkpoint_best.pth")
+    parser.add_argument("--tta", action="store_const", const=True, default=None,
+                        help="nnU-Net: mirroring test-time augmentation over the checkpoint's allowed axes")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """Format-specific model options given on the command line (see :func:`xaioverlay.models.load_model`)."""
+    return {"folds": args.folds, "checkpoint": args.checkpoint, "tta": args.tta}
 
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +198,7 @@ def run_explain(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from .volumes import read_volumes
 
     prepare_output_folder(args.out)
-    model = load_model(args.model, device=args.device, amp=args.amp)
+    model = load_model(args.model, device=args.device, amp=args.amp, **model_options(args))
     volumes = read_volumes(args.input)
     methods = args.methods or demo_methods(model)
     explanation = explain(model, volumes, methods, args.target, score=args.score, layer=args.layer, progress=Progress(printer))
@@ -220,7 +232,7 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
         batch_size=args.batch_size,
     )
     prepare_output_folder(args.out)
-    model = load_model(args.model, device=args.device, amp=args.amp)
+    model = load_model(args.model, device=args.device, amp=args.amp, **model_options(args))
     volumes = read_volumes(args.input)
     reference = read_volume(args.reference_mask) if args.reference_mask else None
     body = read_volume(args.body_mask) if args.body_mask else None
@@ -247,7 +259,7 @@ def run_layers(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from .models import load_model
     from .volumes import read_volumes
 
-    model = load_model(args.model, device=args.device, amp=args.amp)
+    model = load_model(args.model, device=args.device, amp=args.amp, **model_options(args))
     x = None
     if args.input:
         x = model.preprocess(read_volumes(args.input)).tensor

@@ -8,6 +8,7 @@ Requests::
 
     {"id": "r1", "command": "describe", "model": PATH, "device": "auto"}
     {"id": "r2", "command": "explain", "model": PATH, "device": "auto", "amp": false,
+     "model_options": {"folds": "0,1", "checkpoint": "final"},          # optional (nnU-Net folders)
      "inputs": [NRRD, ...], "methods": ["gradcam", ...], "target": "class:tumour" | null,
      "score": "logit", "layer": null, "out": DIR, "segmentation": true,
      "evaluate": false, "reference_mask": NRRD | null, "metric_options": {...}}
@@ -86,16 +87,18 @@ class ModelCache:
         self.loader = loader
         self.models: OrderedDict[tuple, object] = OrderedDict()
 
-    def get(self, path: str, device: str = "auto", amp: bool = False):
+    def get(self, path: str, device: str = "auto", amp: bool = False, options: dict | None = None):
         from .model_files import resolve_model_path
         from .models import load_model
 
         path = str(resolve_model_path(path))  # a bundle's inference.json is the bundle: its weights count too
-        key = (model_signature(Path(path)) if Path(path).exists() else (path,), device, bool(amp))
+        options = {k: v for k, v in (options or {}).items() if v not in (None, "")}
+        signature = model_signature(Path(path)) if Path(path).exists() else (path,)
+        key = (signature, device, bool(amp), tuple(sorted(options.items())))
         if key in self.models:
             self.models.move_to_end(key)
             return self.models[key], True
-        model = (self.loader or load_model)(path, device=device, amp=amp)
+        model = (self.loader or load_model)(path, device=device, amp=amp, **options)
         self.models[key] = model
         while len(self.models) > self.capacity:
             self.models.popitem(last=False)
@@ -206,7 +209,8 @@ class Worker:
     def _model(self, request: dict, report: Callable[[dict], None]):
         if not request.get("model"):
             raise XAIOverlayError("no model given; choose a MONAI bundle folder, a spec (.yaml/.json) or a TorchScript file")
-        model, cached = self.models.get(request["model"], request.get("device", "auto"), bool(request.get("amp", False)))
+        model, cached = self.models.get(request["model"], request.get("device", "auto"), bool(request.get("amp", False)),
+                                        request.get("model_options"))
         self._check_every_pass(model.network)
         if not cached:
             report({"event": "message", "message": f"loaded {model.model_id}", "stage": "model"})

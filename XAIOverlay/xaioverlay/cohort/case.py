@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import XAIOverlayError
@@ -48,6 +49,7 @@ class CaseSettings:
     layer: str | None = None
     device: str = "auto"
     amp: bool = False
+    model_options: dict = field(default_factory=dict)  # format-specific load options (nnU-Net folds, ...)
     metrics: object | None = None  # a MetricOptions: measure the maps as `xaioverlay evaluate` does
     similar: int = 5  # similar cases listed per case (0: no feature vectors)
     feature_layer: str | None = None  # layer whose pooled activations compare cases (None: automatic)
@@ -60,6 +62,7 @@ class CaseSettings:
         return {
             "model": str(Path(self.model).resolve()), "methods": self.methods, "target": self.target,
             "score": self.score, "layer": self.layer, "amp": self.amp,
+            "model_options": {k: v for k, v in self.model_options.items() if v not in (None, "")},
             "metrics": None if self.metrics is None else dataclasses.asdict(self.metrics),
             "similar": self.similar, "feature_layer": self.feature_layer,
         }
@@ -75,7 +78,7 @@ def cached_model(settings: CaseSettings, device: str):
 
     if _MODELS is None:
         _MODELS = ModelCache(capacity=1)
-    model, _ = _MODELS.get(settings.model, device, settings.amp)
+    model, _ = _MODELS.get(settings.model, device, settings.amp, settings.model_options)
     return model
 
 
@@ -223,6 +226,9 @@ def write_case_folder(case: Case, cases_dir: Path, status: str, rows: list[dict]
 
 def run_case(case: Case, settings: CaseSettings, cases_dir: str) -> dict:
     """The Dask task: run one case and publish its folder. Returns ``{case_id, status, error}``."""
+    # as the command line does: MONAI's notes on its future defaults are nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\.")
     if settings.torch_threads:
         import torch
 

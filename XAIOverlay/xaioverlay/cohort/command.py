@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="MONAI bundle folder, spec file (.yaml/.json) or TorchScript file")
+    from ..cli import add_model_arguments
+
+    add_model_arguments(parser)  # --model, --device, --amp and the nnU-Net options, as for explain
     parser.add_argument("--cases", required=True, metavar="MANIFEST",
                         help="CSV with columns case_id,image[,image_2,...][,label][,reference_mask] "
                              "(paths relative to the CSV), or a folder of volumes (one case each)")
@@ -31,8 +33,6 @@ def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="LocalCluster worker processes (default: one per GPU, else half the CPU cores)")
     parser.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete; run the rest")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on CPU)")
     parser.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
                         help="progress on stderr as a line per case (default), as JSON lines on stdout, or none")
 
@@ -60,13 +60,14 @@ def printer_for(mode: str):
 
 
 def run_cohort_command(args: argparse.Namespace, printer) -> int:
+    from ..cli import model_options
     from ..metrics.evaluate import MetricOptions
     from .case import CaseSettings
     from .run import run_cohort
 
     settings = CaseSettings(
         model=args.model, methods=args.methods, target=args.target, score=args.score, layer=args.layer,
-        device=args.device, amp=args.amp, metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
+        device=args.device, amp=args.amp, model_options=model_options(args), metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
         similar=args.similar, feature_layer=args.feature_layer,
     )
     show = printer_for(args.progress)

@@ -89,17 +89,22 @@ class PassCounter:
 
 @dataclass
 class SlidingWindow:
-    """A bundle's sliding-window inferer, in the terms MONAI's ``SlidingWindowInferer`` uses."""
+    """A sliding-window inferer, in the terms MONAI's ``SlidingWindowInferer`` uses.
+
+    ``layout``: ``"monai"`` (MONAI's tile placement and importance map) or ``"nnunet"`` (nnU-Net's; see
+    :mod:`xaioverlay.sliding`).
+    """
 
     roi_size: tuple[int, int, int]
     overlap: float = 0.25
     mode: str = "constant"
     sigma_scale: float = 0.125
     sw_batch_size: int = 1
+    layout: str = "monai"
 
     def needed(self, spatial_shape: Sequence[int]) -> bool:
-        """True when the volume is larger than the window along some axis."""
-        return any(s > r for s, r in zip(spatial_shape, self.roi_size))
+        """True when the volume is larger than the window along some axis (nnU-Net: always)."""
+        return self.layout == "nnunet" or any(s > r for s, r in zip(spatial_shape, self.roi_size))
 
 
 @dataclass
@@ -111,6 +116,7 @@ class LoadedModel:
         task: ``"classification"`` (output (B, K)) or ``"segmentation"`` (output (B, K, X, Y, Z)).
         class_names: one name per output channel.
         in_channels: number of input volumes the network expects.
+        channel_names: their names, in order, when the format declares them.
         activation: ``"softmax"``, ``"sigmoid"`` or ``"none"``, applied to logits for probabilities.
         transforms: the model's own preprocessing, applied to ``{image_key: MetaTensor}``.
         sliding_window: set when the model is run window by window on large volumes.
@@ -124,6 +130,7 @@ class LoadedModel:
     class_names: list[str]
     in_channels: int
     activation: str = "none"
+    channel_names: list[str] = field(default_factory=list)
     transforms: Callable | None = None
     image_key: str = "image"
     sliding_window: SlidingWindow | None = None
@@ -174,10 +181,14 @@ class LoadedModel:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-volume output as the model's own inferer computes it (no gradients)."""
         with torch.inference_mode():
-            if self.sliding_window is not None and self.sliding_window.needed(x.shape[2:]):
+            window = self.sliding_window
+            if window is not None and window.layout == "nnunet":
+                from ..sliding import blended_output
+
+                return blended_output(self.forward, x, window)
+            if window is not None and window.needed(x.shape[2:]):
                 from monai.inferers import sliding_window_inference
 
-                window = self.sliding_window
                 return sliding_window_inference(
                     x, window.roi_size, window.sw_batch_size, self.forward,
                     overlap=window.overlap, mode=window.mode, sigma_scale=window.sigma_scale,
@@ -205,8 +216,9 @@ class LoadedModel:
         The volumes are not modified. Channels are in the order given.
         """
         if len(volumes) != self.in_channels:
+            names = f" ({', '.join(self.channel_names)})" if self.channel_names else ""
             raise InputError(
-                f"the model expects {self.in_channels} input channel(s) but got {len(volumes)} volume(s); "
+                f"the model expects {self.in_channels} input channel(s){names} but got {len(volumes)} volume(s); "
                 f"pass {self.in_channels} co-registered volume(s) with --input, in the model's channel order"
             )
         from monai.data import MetaTensor
@@ -270,11 +282,12 @@ class LoadedModel:
             "task": self.task,
             "class_names": list(self.class_names),
             "in_channels": self.in_channels,
+            **({"channel_names": list(self.channel_names)} if self.channel_names else {}),
             "activation": self.activation,
             "device": str(self.device),
             "mixed_precision": bool(self.amp and self.device.type == "cuda"),
             "sliding_window": None if self.sliding_window is None else {
                 "roi_size": list(self.sliding_window.roi_size), "overlap": self.sliding_window.overlap,
-                "mode": self.sliding_window.mode,
+                "mode": self.sliding_window.mode, "layout": self.sliding_window.layout,
             },
         }

@@ -69,7 +69,7 @@ ALLOWED_OPERATIONS = (
     "ReluBackward", "ThresholdBackward", "LeakyReluBackward", "PreluKernelBackward", "PreluBackward",
     "MaxPool", "AdaptiveMaxPool", "AvgPool", "AdaptiveAvgPool", "MeanBackward", "SumBackward",
     "Upsample", "ConstantPadNdBackward", "ReflectionPad", "ReplicationPad",
-    "PixelShuffleBackward", "PixelUnshuffleBackward", "IndexBackward",
+    "PixelShuffleBackward", "PixelUnshuffleBackward", "IndexBackward", "FlipBackward",
 )
 #: Allowed only with one operand that carries relevance (scaling by a constant), not a product of two.
 SCALING_OPERATIONS = ("MulBackward", "DivBackward")

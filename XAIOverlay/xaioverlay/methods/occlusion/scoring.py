@@ -160,7 +160,7 @@ class IncrementalScorer:
 
 def _window_count(x: torch.Tensor, window) -> int:
     padded = [max(n, r) for n, r in zip(x.shape[2:], window.roi_size)]
-    return len(sliding.window_slices(padded, window.roi_size, window.overlap))
+    return len(sliding.window_slices(padded, window.roi_size, window.overlap, window.layout))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
