@@ -43,8 +43,8 @@ def test_cli_bad_manifest_exit_1_one_line(tmp_path):
     manifest.write_text(BAD_MANIFESTS["duplicate_case_id"][0])
     done = run_cli("--model", str(tmp_path), "--cases", str(manifest), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"xaioverlay: error: manifest {manifest}: case id 'a' on lines 2 and 4;"
-                                                " case ids must be unique"]
+    assert done.stderr.strip().splitlines() == [
+        f"xaioverlay: error: manifest {manifest}: case id 'a' on lines 2 and 4; case ids must be unique"]
 
 
 def test_cli_runs_a_folder_of_volumes_on_a_local_cluster_with_json_progress(tmp_path):
@@ -80,7 +80,8 @@ def test_ctrl_c_keeps_finished_cases_and_resume_completes_them(tmp_path):
             break
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "xaioverlay: interrupted; finished cases are kept: rerun with --resume to continue"
+    last = stderr.strip().splitlines()[-1]
+    assert last == "xaioverlay: interrupted; finished cases are kept: rerun with --resume to continue"
     kept = (tmp_path / "out" / "cohort.csv").read_text().splitlines()[1:]
     assert 1 <= len(kept) < 6
 

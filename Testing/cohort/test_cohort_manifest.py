@@ -1,4 +1,4 @@
-"""Bad manifests and cohort folders are refused in one line before any work is scheduled; good ones are read as written."""
+"""Bad manifests and cohort folders are refused in one line before any work is scheduled; good ones read as written."""
 
 from __future__ import annotations
 
@@ -95,3 +95,11 @@ def test_progress_line_shows_counts_rate_and_eta():
              "total": 40, "cases_per_minute": 4.1, "eta_s": 409.0}
     assert progress_line(event) == ("12/40 cases · 11 done · 1 failed · 28 remaining · 4.1 cases/min · ETA 6.8 min"
                                     " · c7 failed")
+
+
+def test_missing_model_refused_before_any_work(tmp_path):
+    (tmp_path / "a.nrrd").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="--model .*nowhere does not exist"):
+        run_cohort(tmp_path, CaseSettings(model=str(tmp_path / "nowhere")), out)
+    assert not out.exists()

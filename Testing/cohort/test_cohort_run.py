@@ -118,9 +118,10 @@ def test_interrupted_run_resumed_gives_the_same_table(inputs, cluster, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_cohort(inputs["manifest"], settings(inputs), out, scheduler=address, progress=interrupt_after_four)
     partial = table(out)
-    assert 4 <= len({row["case_id"] for row in partial}) < CASES, "the table of an interrupted run holds the finished cases"
+    assert 4 <= len({row["case_id"] for row in partial}) < CASES, "the interrupted run's table: the finished cases"
     wait_idle(client)
-    first_records = {p.name: (p / CASE_RECORD).read_bytes() for p in (out / "cases").iterdir() if (p / CHECKSUMS).exists()}
+    first_records = {p.name: (p / CASE_RECORD).read_bytes()
+                     for p in (out / "cases").iterdir() if (p / CHECKSUMS).exists()}
 
     resumed = run_cohort(inputs["manifest"], settings(inputs), out, scheduler=address, resume=True)
     assert resumed.skipped == len(first_records) and resumed.done == CASES
@@ -191,7 +192,8 @@ def test_metrics_are_measured_per_case_into_the_table(inputs, cluster, tmp_path)
     manifest.write_text("\n".join(inputs["manifest"].read_text().splitlines()[:3]).replace(
         ",p", f",{inputs['root'] / 'volumes'}/p") + "\n")
     options = MetricOptions(road=False, randomisation_depth=0, random_logit=False, step_fraction=0.1)
-    result = run_cohort(manifest, settings(inputs, metrics=options), tmp_path / "out", scheduler=local.scheduler_address)
+    result = run_cohort(manifest, settings(inputs, metrics=options), tmp_path / "out",
+                        scheduler=local.scheduler_address)
 
     assert result.done == 2
     rows = {(row["case_id"], row["method"]): row for row in table(tmp_path / "out")}
@@ -220,7 +222,8 @@ def test_similar_cases_find_the_same_image_under_another_id(inputs, cluster, tmp
         by_case.setdefault(row["case_id"], []).append(row)
     assert sorted(by_case) == sorted(["copy_of_02"] + [f"case_{n:02d}" for n in range(6)])
     for case, rows in by_case.items():
-        assert [row["rank"] for row in rows] == ["1", "2", "3"] and case not in {row["similar_case_id"] for row in rows}
+        assert [row["rank"] for row in rows] == ["1", "2", "3"]
+        assert case not in {row["similar_case_id"] for row in rows}
         values = [float(row["cosine_similarity"]) for row in rows]
         assert values == sorted(values, reverse=True)
     for case, copy in (("case_02", "copy_of_02"), ("copy_of_02", "case_02")):

@@ -14,7 +14,6 @@ re-run on another worker by the scheduler.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from ..errors import XAIOverlayError
 from ..methods import split_specs
+from ..models.base import file_digest
 from ..outputs import write_json
 from .manifest import Case
 
@@ -95,14 +95,6 @@ def worker_device(requested: str) -> str:
     except (ImportError, ValueError, TypeError):
         return requested
     return f"cuda:{number % torch.cuda.device_count()}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def one_line(error: BaseException) -> str:
@@ -217,7 +209,7 @@ def write_case_folder(case: Case, cases_dir: Path, status: str, rows: list[dict]
                   "images": list(case.images), "reference_mask": case.reference_mask, "rows": rows}
         write_json(record, staging / CASE_RECORD)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
-        write_json({str(p.relative_to(staging).as_posix()): file_sha256(p) for p in files}, staging / CHECKSUMS)
+        write_json({str(p.relative_to(staging).as_posix()): file_digest(p) for p in files}, staging / CHECKSUMS)
         publish(staging, cases_dir / case.case_id)
         return {"case_id": case.case_id, "status": status, "error": error}
     finally:
@@ -258,7 +250,7 @@ def complete_record(folder: Path) -> dict | None:
         if CASE_RECORD not in sums:
             return None
         for name, digest in sums.items():
-            if file_sha256(folder / name) != digest:
+            if file_digest(folder / name) != digest:
                 return None
         return json.loads((folder / CASE_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):

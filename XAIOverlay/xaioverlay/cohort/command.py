@@ -15,9 +15,12 @@ def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", required=True, metavar="MANIFEST",
                         help="CSV with columns case_id,image[,image_2,...][,label][,reference_mask] "
                              "(paths relative to the CSV), or a folder of volumes (one case each)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="cohort folder: cases/<case_id>/, cohort.csv, cohort.parquet")
-    parser.add_argument("--methods", default=None, help="comma-separated methods, as for explain (default: all the model allows)")
-    parser.add_argument("--target", default=None, help="what to explain, as for explain (default: the predicted class / region)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="cohort folder: cases/<case_id>/, cohort.csv, cohort.parquet")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods, as for explain (default: all the model allows)")
+    parser.add_argument("--target", default=None,
+                        help="what to explain, as for explain (default: the predicted class / region)")
     parser.add_argument("--score", default="logit", choices=("logit", "probability"))
     parser.add_argument("--layer", default=None, help="layer for CAM methods (default: automatic)")
     parser.add_argument("--metrics", action="store_true",
@@ -67,7 +70,8 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
 
     settings = CaseSettings(
         model=args.model, methods=args.methods, target=args.target, score=args.score, layer=args.layer,
-        device=args.device, amp=args.amp, model_options=model_options(args), metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
+        device=args.device, amp=args.amp, model_options=model_options(args),
+        metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
         similar=args.similar, feature_layer=args.feature_layer,
     )
     show = printer_for(args.progress)
@@ -85,7 +89,8 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
     printer.result(out=str(Path(args.out).resolve()), done=result.done, failed=result.failed, skipped=result.skipped,
                    files={k: str(v) for k, v in result.files.items()})
     if args.progress != "json":
-        print(f"{result.done} of {result.total} cases done ({result.skipped} from an earlier run), {result.failed} failed")
+        print(f"{result.done} of {result.total} cases done ({result.skipped} from an earlier run), "
+              f"{result.failed} failed")
         for path in result.files.values():
             print(f"  {path}")
     return 0

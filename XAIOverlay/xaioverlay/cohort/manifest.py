@@ -73,7 +73,8 @@ def read_manifest(manifest: Path) -> list[Case]:
         raise InputError(f"cannot read manifest {manifest}: {getattr(error, 'strerror', None) or error}") from None
     rows = [row for row in rows if any(cell.strip() for cell in row)]
     if not rows:
-        raise InputError(f"manifest {manifest} is empty; give a CSV with a header row case_id,image,... and one row per case")
+        raise InputError(f"manifest {manifest} is empty; give a CSV with a header row case_id,image,... "
+                         "and one row per case")
     header = [cell.strip() for cell in rows[0]]
     missing = [name for name in ("case_id", "image") if name not in header]
     if missing:
@@ -93,7 +94,8 @@ def read_manifest(manifest: Path) -> list[Case]:
         cells = {name: cell.strip() for name, cell in zip(header, row)}
         case_id = check_case_id(cells["case_id"], f"manifest {manifest} line {line}")
         if case_id in seen:
-            raise InputError(f"manifest {manifest}: case id {case_id!r} on lines {seen[case_id]} and {line}; case ids must be unique")
+            raise InputError(f"manifest {manifest}: case id {case_id!r} on lines {seen[case_id]} and {line}; "
+                             "case ids must be unique")
         seen[case_id] = line
         empty = [name for name in channels if not cells[name]]
         if empty:

@@ -152,7 +152,7 @@ def run_cohort(
     if settings.methods is not None:
         build_methods(settings.methods, layer=settings.layer)  # an unknown method is refused now, not per case
     if not Path(settings.model).exists():
-        raise InputError(f"--model {settings.model} does not exist; give a MONAI bundle folder, spec file or TorchScript file")
+        raise InputError(f"--model {settings.model} does not exist; give a model folder, spec file or TorchScript file")
     out = prepare_output_folder(out)
     cases_dir = out / "cases"
     cases_dir.mkdir(exist_ok=True)
@@ -184,8 +184,8 @@ def run_cohort(
         progress({"event": "message", "message": f"{len(todo)} cases to run"
                   + (f" ({result.skipped} complete from an earlier run)" if result.skipped else "")})
         token = uuid.uuid4().hex[:8]
-        futures = [client.submit(run_case, case, settings, str(cases_dir), key=f"xaioverlay-case-{case.case_id}-{token}",
-                                 retries=retries, pure=False) for case in todo]
+        futures = [client.submit(run_case, case, settings, str(cases_dir), retries=retries, pure=False,
+                                 key=f"xaioverlay-case-{case.case_id}-{token}") for case in todo]
         by_key = {future.key: case for future, case in zip(futures, todo)}
         started = time.perf_counter()
         from distributed import as_completed

@@ -36,7 +36,8 @@ def complete_records(cases: Sequence[Case], cases_dir: Path) -> list[dict]:
 
 def similar_rows(records: Sequence[dict], cases_dir: Path, k: int) -> list[dict]:
     """For each done case with a feature vector, its ``k`` most similar such cases (see :mod:`.similar`)."""
-    with_features = [r for r in records if r["status"] == "done" and (cases_dir / r["case_id"] / FEATURES_FILE).exists()]
+    with_features = [r for r in records
+                     if r["status"] == "done" and (cases_dir / r["case_id"] / FEATURES_FILE).exists()]
     if len(with_features) < 2 or k < 1:
         return []
     features = np.stack([np.load(cases_dir / r["case_id"] / FEATURES_FILE, allow_pickle=False) for r in with_features])
@@ -95,7 +96,8 @@ def write_table(cases: Sequence[Case], out: Path, k: int = 0) -> dict[str, Path]
 
     written = {"csv": _replace_atomically(out / "cohort.csv", lambda path: _write_csv(path, columns, rows))}
     if k > 0:
-        written["similar"] = _replace_atomically(out / "similar_cases.csv", lambda path: _write_csv(path, SIMILAR, similar))
+        written["similar"] = _replace_atomically(out / "similar_cases.csv",
+                                                 lambda path: _write_csv(path, SIMILAR, similar))
     if importlib.util.find_spec("pyarrow") is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
