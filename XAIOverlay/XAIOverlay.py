@@ -222,6 +222,8 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             flags = qt.Qt.ItemIsUserCheckable
             if method["allowed"]:
                 flags |= qt.Qt.ItemIsEnabled
+            elif method.get("reason"):
+                item.setToolTip(method["reason"])  # why it is greyed out, e.g. no attention in this network
             item.setFlags(flags)
             item.setCheckState(qt.Qt.Checked if method["spec"] in chosen or method["name"] in chosen else qt.Qt.Unchecked)
             self.ui.methodsListWidget.addItem(item)

@@ -262,7 +262,10 @@ class OverlayLogic:
         refused = unavailable_methods(request.methods, info)
         if refused:
             allowed = sorted(method["name"] for method in info["methods"] if method["allowed"])
-            raise ValueError(f"method(s) {', '.join(refused)} unknown or not available for this model; "
+            names = {spec.split(":")[0] for spec in refused}
+            reasons = "".join(f" ({m['name']}: {m['reason']})" for m in info["methods"]
+                              if m["name"] in names and m.get("reason"))
+            raise ValueError(f"method(s) {', '.join(refused)} unknown or not available for this model{reasons}; "
                              f"choose from {', '.join(allowed)}")
         anatomy = self.scene.GetNodeByID(job.volume_id)
         if anatomy is None:

@@ -40,7 +40,7 @@ def demo_methods(model: LoadedModel) -> list[str]:
     return [
         getattr(cls, "demo_spec", cls.name)
         for cls in REGISTRY.values()
-        if model.internals_available or not cls.needs_internals
+        if cls.unavailable(model) is None
     ]
 
 

@@ -217,11 +217,9 @@ def attribute_by_window(
 
 def attribute(method: Method, model: LoadedModel, model_input: ModelInput, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
     """``method``'s map on the model grid, window by window when the model's inferer asks for it."""
-    if method.needs_internals and not model.internals_available:
-        raise ModelError(
-            f"{method.label} needs the network's internal layers, which a {model.format} model hides; "
-            "use a model-agnostic method (gxi, ig, occlusion) or load the model as a MONAI bundle or state dict + spec"
-        )
+    reason = method.unavailable(model)
+    if reason:
+        raise ModelError(reason)
     x = model_input.tensor
     windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
     method.spacing_mm = tuple(float(s) for s in model_input.model_geometry.spacing)

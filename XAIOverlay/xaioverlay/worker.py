@@ -133,18 +133,18 @@ def predicted_segmentation(model, volumes):
 
 
 def method_catalogue(model) -> list[dict]:
-    """Every registered method, with whether this model allows it (TorchScript hides layers)."""
+    """Every registered method, with whether this model allows it and, if not, why (one line)."""
     from .methods import REGISTRY
 
-    return [
-        {
+    catalogue = []
+    for cls in REGISTRY.values():
+        reason = cls.unavailable(model)
+        catalogue.append({
             "name": cls.name, "label": cls.label, "signed": cls.signed, "summary": cls.summary,
-            "needs_internals": cls.needs_internals,
-            "allowed": bool(model.internals_available or not cls.needs_internals),
+            "needs_internals": cls.needs_internals, "allowed": reason is None, "reason": reason,
             "spec": getattr(cls, "demo_spec", cls.name),
-        }
-        for cls in REGISTRY.values()
-    ]
+        })
+    return catalogue
 
 
 class CancelCheck:

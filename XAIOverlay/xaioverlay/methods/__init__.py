@@ -1,7 +1,8 @@
 """Explanation methods. Adding one: write a :class:`Method` subclass and list it in ``REGISTRY``.
 
 Method specs (CLI ``--methods``, comma-separated): ``name`` or ``name:option``, e.g.
-``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``ig:32``, ``occlusion:20mm/10mm``, ``occlusion-adaptive:400``.
+``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``lrp:zero/uniform``, ``ig:32``,
+``occlusion:20mm/10mm``, ``occlusion-adaptive:400``, ``attention``, ``attention:level=1``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import InputError
+from .attention import Attention
 from .base import Attribution, Method
 from .cam import GradCAM, GradCAMPlusPlus, HiResCAM
 from .gradients import GradientTimesInput, IntegratedGradients
@@ -17,7 +19,10 @@ from .occlusion import AdaptiveOcclusion, Occlusion
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (GradCAM, GradCAMPlusPlus, HiResCAM, LRP, GradientTimesInput, IntegratedGradients, Occlusion, AdaptiveOcclusion)
+    for cls in (
+        GradCAM, GradCAMPlusPlus, HiResCAM, LRP, GradientTimesInput, IntegratedGradients, Attention, Occlusion,
+        AdaptiveOcclusion,
+    )
 }
 
 

@@ -63,6 +63,15 @@ class Method:
             raise InputError(f"method {cls.name!r} takes no option (got {cls.name}:{option})")
         return cls()
 
+    @classmethod
+    def unavailable(cls, model: LoadedModel) -> str | None:
+        """Why this method cannot explain ``model`` (one line for the CLI and the Slicer module), or None."""
+        if cls.needs_internals and not model.internals_available:
+            return (f"{cls.label} needs the network's internal layers, which a {model.format} model hides; "
+                    "use a model-agnostic method (gxi, ig, occlusion) or load the model as a MONAI bundle "
+                    "or state dict + spec")
+        return None
+
     @property
     def spec(self) -> str:
         """The spec this method was built from, normalised (e.g. ``"gradcam"``)."""

@@ -13,8 +13,8 @@ from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method, relative_error
 from ..precision import full_float32
-from .canonizers import canonized, check_graph
-from .composites import COMPOSITES, DEFAULT, Composite
+from .canonizers import GATE_RULES, canonized, check_graph
+from .composites import COMPOSITES, DEFAULT, GATE_SPLITS, Composite
 from .rules import ZBox
 
 
@@ -26,10 +26,12 @@ class Relevance:
         input: (B, C, X, Y, Z) relevance of every input value.
         output: (B,) relevance the explanation started from: Σ y ⊙ ∂T/∂y over the network output
             (the explained logit — or the region's weighted sum of logits — for a logit target).
+        gates: names of the multiplicative gates crossed (see :data:`.canonizers.GATE_RULES`).
     """
 
     input: torch.Tensor
     output: torch.Tensor
+    gates: tuple[str, ...] = ()
 
     def conservation(self) -> dict:
         """Σ input relevance against the starting relevance (summed over the batch)."""
@@ -63,42 +65,59 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
     network_input = x.detach().requires_grad_(True)
     with full_float32(), canonized(model.network, composite, network_input) as session, torch.enable_grad():
         output = model.forward(network_input)
-        check_graph(output, session.origins)
+        check_graph(output, session.origins, session.gate_products)
         score = target(output)
         grad_input, grad_output = torch.autograd.grad(score.sum(), [network_input, output], allow_unused=True)
         deposited = session.relevance.value
+        gates = tuple(session.gates)
     relevance = torch.zeros_like(network_input) if grad_input is None else network_input.detach() * grad_input
     if deposited is not None:
         relevance = relevance + deposited
     start = (output.detach() * grad_output).flatten(1).sum(1)
-    return Relevance(relevance.detach(), start.detach())
+    return Relevance(relevance.detach(), start.detach(), gates)
 
 
 class LRP(Method):
-    """Layer-wise relevance propagation with a composite of rules (default: epsilon-plus-flat)."""
+    """Layer-wise relevance propagation with a composite of rules (default: epsilon-plus-flat).
+
+    Option ``COMPOSITE``, ``COMPOSITE/GATES`` or ``/GATES`` with GATES ``signal`` (default) or ``uniform``
+    (how relevance crosses multiplicative gates), e.g. ``lrp:epsilon-gamma-box/uniform``.
+    """
 
     name = "lrp"
     label = "LRP"
     signed = True
     additive = True
     needs_internals = True
-    summary = f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or {', '.join(c for c in COMPOSITES if c != DEFAULT)})"
+    summary = (f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or "
+               f"{', '.join(c for c in COMPOSITES if c != DEFAULT)}; "
+               "/uniform splits gates' relevance, e.g. lrp:zero/uniform)")
 
-    def __init__(self, composite: str | Composite = DEFAULT) -> None:
+    def __init__(self, composite: str | Composite = DEFAULT, gates: str | None = None) -> None:
         if isinstance(composite, str):
             if composite not in COMPOSITES:
                 raise InputError(f"unknown LRP composite {composite!r}; use one of: {', '.join(COMPOSITES)}")
             composite = COMPOSITES[composite]
+        if gates is not None:
+            if gates not in GATE_SPLITS:
+                raise InputError(f"unknown LRP gate split {gates!r}; "
+                                 f"use one of: {', '.join(GATE_SPLITS)} (e.g. lrp:zero/uniform)")
+            composite = replace(composite, gates=gates)
         self.composite = composite
-        self.label = "LRP" if composite.name == DEFAULT else f"LRP ({composite.name})"
+        name = composite.name + ("" if composite.gates == "signal" else f"/{composite.gates}")
+        self.label = "LRP" if name == DEFAULT else f"LRP ({name})"
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "LRP":
-        return cls(option.strip().lower() if option else DEFAULT)
+        composite, _, gates = (option or "").strip().lower().partition("/")
+        return cls(composite.strip() or DEFAULT, gates.strip() or None)
 
     @property
     def spec(self) -> str:
-        return self.name if self.composite.name == DEFAULT else f"{self.name}:{self.composite.name}"
+        gates = "" if self.composite.gates == "signal" else f"/{self.composite.gates}"
+        if self.composite.name == DEFAULT and not gates:
+            return self.name
+        return f"{self.name}:{self.composite.name}{gates}"
 
     _whole_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -128,6 +147,8 @@ class LRP(Method):
         parameters = {"composite": self.composite.name, "rules": self.composite.describe()}
         if bounds is not None:
             parameters["input_bounds"] = bounds
+        if result.gates:
+            parameters["gates"] = {"rule": GATE_RULES[composite.gates], "count": len(result.gates)}
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
 
     @classmethod

@@ -18,6 +18,16 @@ never written). What it does to the computation:
 - **Residual sums and concatenations** (MONAI ``ResidualUnit``, ``SkipConnection``, ResNet and
   SegResNet blocks, DenseNet's concatenation) need no rewriting: in this implementation's convention
   the plain gradient of ``a + b`` splits relevance in proportion to ``a`` and ``b`` (see :mod:`.rules`).
+- **Multiplicative gates** ``y = x · σ(g(x))`` (MONAI ``AttentionBlock``'s ``psi``, the
+  squeeze-excitation ``fc`` of ``ChannelSELayer``/``ResidualSELayer``, EfficientNet's ``_se_expand``):
+  the gate is held constant (detached) during the LRP pass, so all relevance of ``y`` flows to the
+  signal ``x`` and none into the gate's branch — Arras et al. (2017)'s rule for multiplicative gates.
+  The forward values are unchanged; the gate is a per-voxel (or per-channel) weight like a fixed
+  scaling, and conservation holds through it. With a composite's ``gates="uniform"`` (AttnLRP,
+  Achtibat et al. 2024) the relevance arriving at the product is halved instead: half goes to ``x``,
+  half into the gate's branch and on through its layers' rules. That needs the product to be the
+  block's output (``AttentionBlock``, ``ChannelSELayer`` without residual); other gated blocks are
+  refused in that mode.
 - **Unsupported layers** raise :class:`~xaioverlay.errors.ModelError` naming the layer and its type
   as soon as they run; after the forward pass, :func:`check_graph` refuses operations written in a
   module's ``forward`` that have no LRP rule (e.g. a product of two feature maps in an attention
@@ -73,6 +83,61 @@ ALLOWED_OPERATIONS = (
 )
 #: Allowed only with one operand that carries relevance (scaling by a constant), not a product of two.
 SCALING_OPERATIONS = ("MulBackward", "DivBackward")
+
+#: Blocks that multiply a signal by a gate computed from the network's features, ``x · σ(g(x))``:
+#: class name → the submodule whose output is the gate (or its logit). See :func:`gate_sources`.
+GATE_SOURCES = {"AttentionBlock": "psi", "ChannelSELayer": "fc", "ResidualSELayer": "fc", "MBConvBlock": "_se_expand"}
+#: How relevance crosses a gate (recorded with every LRP map of a gated network), per gate split.
+GATE_RULES = {
+    "signal": "signal: the gate is held constant, all relevance flows to the gated signal (Arras et al. 2017)",
+    "uniform": "uniform: half of the product's relevance to the signal, half into the gate (Achtibat et al. 2024)",
+}
+GATE_RULE = GATE_RULES["signal"]
+#: Blocks whose output is exactly the gate product (the uniform split halves the relevance arriving there).
+GATE_PRODUCT_BLOCKS = ("AttentionBlock", "ChannelSELayer")
+
+
+def gate_sources(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every submodule that computes a multiplicative gate (see :data:`GATE_SOURCES`)."""
+    found = []
+    for name, module in network.named_modules():
+        attribute = GATE_SOURCES.get(type(module).__name__)
+        source = getattr(module, attribute, None) if attribute else None
+        if isinstance(source, nn.Module):
+            found.append((f"{name}.{attribute}" if name else attribute, source))
+    return found
+
+
+def _hold_gate(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the gate's value, detached (same forward value; no relevance flows into the gate)."""
+    return output.detach()
+
+
+class _Halve(torch.autograd.Function):
+    """Identity forward; the backward signal halved (relevance ½ R to each operand of the product before it)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad / 2
+
+
+def _split_gate(session: "_Session", name: str, block: nn.Module) -> Callable:
+    """Forward hook on a gated block whose output is ``x · s``: remember the product, halve its relevance."""
+    if type(block).__name__ not in GATE_PRODUCT_BLOCKS or getattr(block, "add_residual", False):
+        raise ModelError(
+            f"the uniform gate split needs the gate product as the block's output; '{name}' of type "
+            f"{type(block).__name__} computes more after it: use the default gate rule (lrp:COMPOSITE without /uniform)"
+        )
+
+    def hook(module, inputs, output):
+        session.gate_products.add(id(output.grad_fn))
+        return _Halve.apply(output)
+
+    return hook
 
 
 
@@ -176,6 +241,9 @@ class _Session:
         self.relevance = _Relevance()
         self.producers: dict[int, tuple[_Step, weakref.ref, nn.Module]] = {}
         self.origins: dict[int, str] = {}
+        self.gates: list[str] = []
+        #: ``id(grad_fn)`` of the gate products the uniform split allows (see :func:`check_graph`).
+        self.gate_products: set[int] = set()
 
     def record_origin(self, name: str, module: nn.Module) -> Callable:
         """Forward hook remembering which layer's output each autograd node made (for error messages)."""
@@ -274,6 +342,15 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
     handles = []
     missing = object()
     try:
+        blocks = dict(network.named_modules())
+        for name, module in gate_sources(network):
+            if composite.gates == "uniform":
+                block_name = name.rpartition(".")[0]
+                block = blocks[block_name]
+                handles.append(block.register_forward_hook(_split_gate(session, block_name, block)))
+            else:
+                handles.append(module.register_forward_hook(_hold_gate))
+            session.gates.append(name)
         for name, module in network.named_modules():
             kind = layer_kind(module)
             if kind in ("free", "gradient"):
@@ -302,11 +379,12 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
         session.producers.clear()
 
 
-def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None) -> None:
+def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None, products: set[int] = frozenset()) -> None:
     """Refuse operations without an LRP rule in the autograd graph of ``output``.
 
     Args:
         origins: ``id(grad_fn)`` → description of the layer whose output it made (to name it).
+        products: ``id(grad_fn)`` of gate products whose relevance is split by rule (allowed).
     Raises:
         ModelError: naming the operation (e.g. ``MulBackward0`` between two feature maps) and, when
             known, the layer that ran it.
@@ -323,12 +401,12 @@ def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None) -> 
         followers = [child for child, _ in node.next_functions if child is not None]
         where = origins.get(id(node), "this network's forward code")
         if name.startswith(SCALING_OPERATIONS):
-            if len(followers) > 1:
+            if len(followers) > 1 and id(node) not in products:
                 raise ModelError(
                     f"LRP has no rule for a product or ratio of two feature maps ({name}, e.g. an attention gate) "
                     f"in {where}; explain this model with gxi, ig or gradcam instead"
                 )
-        elif not name.startswith(ALLOWED_OPERATIONS):
+        elif not name.startswith(ALLOWED_OPERATIONS) and name != "_HalveBackward":
             raise ModelError(
                 f"LRP has no rule for the operation {name} in {where}; "
                 "explain this model with gxi, ig or gradcam instead"

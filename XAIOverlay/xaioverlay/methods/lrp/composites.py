@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, ZBox
 
 KINDS = ("first", "convolution", "dense", "norm", "activation")
+#: How relevance crosses a multiplicative gate ``x · σ(g(x))`` (see :mod:`.canonizers`): ``signal`` —
+#: the gate held constant, all to ``x`` (Arras et al. 2017, default); ``uniform`` — half to ``x``, half
+#: into the gate's branch (AttnLRP's rule for products, Achtibat et al. 2024).
+GATE_SPLITS = ("signal", "uniform")
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,11 @@ class Composite:
     dense: Rule
     norm: Rule = Pass()
     activation: Rule = Pass()
+    gates: str = "signal"
 
     def __post_init__(self) -> None:
+        if self.gates not in GATE_SPLITS:
+            raise ValueError(f"unknown gate split {self.gates!r}; use one of {', '.join(GATE_SPLITS)}")
         for kind in KINDS[1:]:
             if self.rule(kind).input_only:
                 raise ValueError(f"{self.rule(kind).describe()} applies to the input layer only, not to {kind} layers")

@@ -1,0 +1,244 @@
+"""What the network itself attends to: attention-gate coefficients and transformer attention rollout.
+
+- **Attention gates** (MONAI ``AttentionUnet``, Oktay et al. 2018): each decoder level's
+  ``AttentionBlock`` multiplies its skip connection by coefficients α = σ(ψ(…)) ∈ (0, 1), one per
+  voxel of that level. The map is the mean over levels of α, each upsampled trilinearly to the model
+  input; ``attention:level=N`` shows one level (0 = the finest, full-resolution gate).
+- **Self-attention** (MONAI ``ViT``, ``UNETR``; their ``SABlock``): attention rollout (Abnar & Zuidema
+  2020). Each block's attention matrix (what multiplies the values, read at the block's
+  ``drop_weights``, the identity in eval mode) is averaged over heads, the identity is added for the
+  residual path and rows are renormalised; the product over blocks says how much each input token
+  reaches each output token. The map takes the rollout row of the class token when the network has
+  one (a classifying ``ViT``: its decision is read from that token), else the mean over all rows
+  (``UNETR`` and other token-to-voxel networks: every token feeds the decoder, so "how much each
+  input patch reaches the outputs on average"). Each patch's value fills that patch's voxels on the
+  model grid; voxels no patch covers (sizes not divisible by the patch) are 0.
+
+The map does not depend on the target (it is the network's own weighting); on sliding-window models
+it runs per window like the CAMs, over the windows that touch the target, summed where they overlap.
+``SwinUNETR``'s shifted windows and squeeze-excitation blocks are refused with the reason (see
+:meth:`Attention.unavailable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, ModelError
+from ..models.base import LoadedModel
+from ..progress import NO_PROGRESS, Progress
+from ..targets import Target
+from .base import Attribution, Method
+
+SE_REASON = "SE blocks reweight channels, not positions; use gradcam/lrp/occlusion for a spatial map"
+
+
+def _type_name(module: torch.nn.Module) -> str:
+    return type(module).__name__
+
+
+def gate_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """MONAI ``AttentionBlock``s (attention gates with a ``psi`` branch), in module order."""
+    return [m for m in network.modules() if _type_name(m) == "AttentionBlock" and hasattr(m, "psi")]
+
+
+def self_attention_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """MONAI ``SABlock``s (softmax self-attention), in forward order of a ViT's blocks."""
+    return [m for m in network.modules() if _type_name(m) == "SABlock"]
+
+
+def has_squeeze_excitation(network: torch.nn.Module) -> bool:
+    """MONAI's squeeze-excitation blocks, or EfficientNet's inline SE (``has_se``)."""
+    return any(
+        type(m).__module__.endswith("squeeze_and_excitation") or getattr(m, "has_se", False) for m in network.modules()
+    )
+
+
+def combine_gates(gates: list[torch.Tensor], shape: tuple[int, int, int], level: int | None = None) -> torch.Tensor:
+    """Gate coefficients of several levels → one map on the model grid.
+
+    Args:
+        gates: per level (B, 1, x, y, z), any order.
+        shape: the model input's spatial shape.
+        level: None → mean over levels; N → only level N, levels counted from the finest (most voxels).
+    Returns:
+        (B, X, Y, Z).
+    """
+    ordered = sorted(gates, key=lambda g: -g[0, 0].numel())
+    if level is not None:
+        if not 0 <= level < len(ordered):
+            raise InputError(f"attention:level={level} does not exist; "
+                             f"this network has gate levels 0 to {len(ordered) - 1}")
+        ordered = [ordered[level]]
+    upsampled = [F.interpolate(g.float(), size=tuple(shape), mode="trilinear", align_corners=False) for g in ordered]
+    return torch.stack(upsampled).mean(0)[:, 0]
+
+
+def attention_rollout(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): Π_l normalise(mean_heads(A_l) + I), last layer leftmost.
+
+    Args:
+        matrices: per block, first block first, (B, H, N, N), rows summing to 1.
+    Returns:
+        (B, N, N): row i = how much each input token reaches output token i.
+    """
+    rollout = None
+    for matrix in matrices:
+        mixed = matrix.float().mean(1)
+        mixed = mixed + torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout
+
+
+def token_scores(rollout: torch.Tensor, patches: int) -> torch.Tensor:
+    """Each patch token's share: (B, N, N) → (B, patches).
+
+    With one extra token (a class token, first, as MONAI's ViT prepends it): its rollout row.
+    Otherwise (N == patches): the mean of all rows.
+    """
+    extra = rollout.shape[-1] - patches
+    if extra == 1:
+        return rollout[:, 0, 1:]
+    if extra == 0:
+        return rollout.mean(1)
+    raise ModelError(f"the transformer has {rollout.shape[-1]} tokens for {patches} patches; attention rollout "
+                     "knows networks with patch tokens only or one class token first")
+
+
+def tokens_to_voxels(scores: torch.Tensor, patch: tuple[int, int, int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Patch scores → voxels: (B, P) with P = Π (shape // patch), C order → (B, X, Y, Z); each patch's score
+    over all its voxels, 0 where the shape is not a whole number of patches."""
+    grid = [s // p for s, p in zip(shape, patch)]
+    values = scores.reshape(scores.shape[0], *grid)
+    for axis, size in enumerate(patch):
+        values = values.repeat_interleave(size, dim=axis + 1)
+    pads = [p for axis in reversed(range(3)) for p in (0, shape[axis] - values.shape[axis + 1])]
+    return F.pad(values, pads)
+
+
+def patch_size(network: torch.nn.Module) -> tuple[int, int, int]:
+    """The patch size of MONAI's ``PatchEmbeddingBlock`` (convolution or perceptron projection)."""
+    blocks = [m for m in network.modules() if _type_name(m) == "PatchEmbeddingBlock"]
+    if len(blocks) != 1:
+        raise ModelError(f"attention rollout needs one PatchEmbeddingBlock; this network has {len(blocks)}")
+    embedding = blocks[0].patch_embeddings
+    if isinstance(embedding, torch.nn.Conv3d):
+        return tuple(int(k) for k in embedding.kernel_size)
+    lengths = dict(getattr(embedding[0], "axes_lengths", {}))  # perceptron: einops Rearrange with p1, p2, p3
+    return tuple(int(lengths[f"p{axis}"]) for axis in (1, 2, 3))
+
+
+@contextlib.contextmanager
+def captured_attention(blocks: list[torch.nn.Module]):
+    """Record each ``SABlock``'s attention matrix (B, H, N, N) during the forward passes run inside.
+
+    The matrix is read where the block multiplies the values with it (the output of ``drop_weights``);
+    flash attention, which never forms it, is switched off meanwhile. Restored on exit, also on error.
+    """
+    matrices: list[torch.Tensor] = []
+    flash = [getattr(block, "use_flash_attention", False) for block in blocks]
+    handles = [block.drop_weights.register_forward_hook(lambda m, i, out: matrices.append(out.detach()))
+               for block in blocks]
+    try:
+        for block in blocks:
+            block.use_flash_attention = False
+        yield matrices
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block, value in zip(blocks, flash):
+            block.use_flash_attention = value
+
+
+class Attention(Method):
+    """Option ``level=N``: one attention-gate level (0 = finest); default the mean over levels."""
+
+    name = "attention"
+    label = "Attention"
+    signed = False
+    needs_internals = True
+    summary = "the network's own attention: gate coefficients (AttentionUnet) or rollout (ViT, UNETR) (option: level=N)"
+
+    def __init__(self, level: int | None = None) -> None:
+        self.level = level
+
+    @classmethod
+    def from_option(cls, option: str | None, *, layer: str | None = None) -> "Attention":
+        if not option:
+            return cls()
+        key, _, value = option.partition("=")
+        if key.strip().lower() != "level" or not value.strip().isdigit():
+            raise InputError(f"cannot read attention option {option!r}; "
+                             "use attention:level=N (0 = the finest gate level)")
+        return cls(int(value))
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.level is None else f"{self.name}:level={self.level}"
+
+    @classmethod
+    def unavailable(cls, model: LoadedModel) -> str | None:
+        reason = super().unavailable(model)
+        if reason:
+            return reason
+        network = model.network
+        kind = _type_name(network)
+        if kind == "SwinUNETR" or any(_type_name(m) == "WindowAttention" for m in network.modules()):
+            return ("attention rollout through SwinUNETR's shifted windows is not yet supported; "
+                    "use gradcam (decoder layer), gxi or occlusion")
+        if gate_modules(network) or self_attention_modules(network):
+            return None
+        if has_squeeze_excitation(network):
+            return SE_REASON
+        return f"{kind} has no attention gates or self-attention blocks; use gradcam/lrp/occlusion for a spatial map"
+
+    def attribute(
+        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS
+    ) -> Attribution:
+        reason = self.unavailable(model)
+        if reason:
+            raise ModelError(reason)
+        shape = tuple(x.shape[2:])
+        gates = gate_modules(model.network)
+        if gates:
+            values, parameters = self._gates(model, x, gates, shape)
+        else:
+            if self.level is not None:
+                raise InputError("attention:level=N picks an attention-gate level; "
+                                 "this network has self-attention, use attention")
+            values, parameters = self._rollout(model, x, shape)
+        progress(1, 1, unit="passes")
+        return Attribution(values[0], signed=False, parameters=parameters)
+
+    def _gates(self, model, x, gates, shape):
+        captured: list[torch.Tensor] = []
+        handles = [gate.psi.register_forward_hook(lambda m, i, out: captured.append(out.detach())) for gate in gates]
+        try:
+            with torch.no_grad():
+                model.forward(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        values = combine_gates(captured, shape, self.level)
+        levels = "mean" if self.level is None else self.level
+        return values, {"kind": "attention gates (Oktay et al. 2018)", "levels": len(captured), "level": levels}
+
+    def _rollout(self, model, x, shape):
+        blocks = self_attention_modules(model.network)
+        patch = patch_size(model.network)
+        with captured_attention(blocks) as matrices, torch.no_grad():
+            model.forward(x)
+        patches = 1
+        for s, p in zip(shape, patch):
+            patches *= s // p
+        rollout = attention_rollout(matrices)
+        scores = token_scores(rollout, patches)
+        token = "class token row" if rollout.shape[-1] == patches + 1 else "mean over tokens"
+        values = tokens_to_voxels(scores, patch, shape)
+        parameters = {"kind": "attention rollout (Abnar & Zuidema 2020)", "blocks": len(matrices),
+                      "patch_size": list(patch), "tokens": token}
+        return values, parameters
