@@ -162,7 +162,8 @@ def test_what_is_installed_is_exactly_what_the_code_imports_and_slicer_lacks():
     installs = {"torch"} | {name for name, _ in dependencies.PACKAGES}
     slicer_ships = {"slicer", "qt", "ctk", "vtk", "numpy"}
     optional = {"PyTorchUtils"}  # the PyTorch extension, used when present
-    command_line_only = {"matplotlib"}  # montage and report of the CLI; never imported on the module's path
+    # montage and report of the CLI, and `xaioverlay cohort` (the `cohort` extra); never imported on the module's path
+    command_line_only = {"matplotlib", "distributed", "pyarrow"}
     # nnU-Net folders only, imported when one is loaded; a missing one is named in one line (README, nnU-Net)
     nnunet_only = {"dynamic_network_architectures", "scipy", "skimage"}
     imported = third_party_imports()

@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--input", nargs="+", metavar="VOL", help="probe with these volumes (default: the model's example input size)")
     layers.set_defaults(run=run_layers)
 
+    from .cohort.command import add_cohort_arguments, run_cohort_command
+
+    cohort = commands.add_parser("cohort", help="explain (and measure) many cases on a Dask cluster; writes cases/, cohort.csv",
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    add_cohort_arguments(cohort)
+    cohort.set_defaults(run=run_cohort_command)
+
     demo = commands.add_parser("demo", help="explain a synthetic phantom with the demo models and every method")
     demo.add_argument("--out", default="xaioverlay-demo", help="output folder (default: ./xaioverlay-demo)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
