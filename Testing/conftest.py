@@ -129,8 +129,9 @@ def save_bundle(folder: Path, network_def: dict, state_dict: dict, *, preprocess
 class SquareRootKinks(torch.nn.Module):
     """A classifier whose logit is finite but whose input gradient is not, at known voxels.
 
-    Logit 1 is ``Σ √x⁺ + √(x − 1)⁺ − 2 √(x − 2)⁺``: its derivative is +∞ at x = 0, 1 and −∞ at x = 2, so
-    gradient × input is NaN (0 · ∞) where x = 0, +∞ where x = 1 and −∞ where x = 2, finite elsewhere.
+    Logit 1 is ``Σ √x⁺ + √(x − 1)⁺ − 2 √(x − 2)⁺``: its derivative is +∞ at x = 0, 1 and −∞ at
+    x = 2, so gradient × input is NaN (0 · ∞) where x = 0, +∞ where x = 1 and −∞ where x = 2, finite
+    elsewhere.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,8 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
 
     def onModelDescribed(self, info) -> None:
-        self.ui.modelInfoLabel.text = f"{info['task']}, {', '.join(info['class_names'])} ({info['format']}, {info['device']})"
+        classes = ", ".join(info["class_names"])
+        self.ui.modelInfoLabel.text = f"{info['task']}, {classes} ({info['format']}, {info['device']})"
         self.ui.classComboBox.clear()
         self.ui.classComboBox.addItem(_("(model's default)"), "")
         for name in info["class_names"]:
@@ -225,7 +226,8 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif method.get("reason"):
                 item.setToolTip(method["reason"])  # why it is greyed out, e.g. no attention in this network
             item.setFlags(flags)
-            item.setCheckState(qt.Qt.Checked if method["spec"] in chosen or method["name"] in chosen else qt.Qt.Unchecked)
+            checked = method["spec"] in chosen or method["name"] in chosen
+            item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
             self.ui.methodsListWidget.addItem(item)
         self.ui.methodsListWidget.blockSignals(False)
 

@@ -97,11 +97,13 @@ def ct_volume(setup: Setup):
         plane[body] = 40.0
         if s > 0:  # lungs in the upper half
             for side in (-1, 1):
-                lung = ((lps_x - side * 0.2 * extent[0]) / (0.14 * extent[0])) ** 2 + (lps_y / (0.2 * extent[1])) ** 2 <= 1
+                lung = (((lps_x - side * 0.2 * extent[0]) / (0.14 * extent[0])) ** 2
+                        + (lps_y / (0.2 * extent[1])) ** 2 <= 1)
                 plane[lung] = -800.0
         spine = (lps_x / 15.0) ** 2 + ((lps_y - 0.2 * extent[1]) / 15.0) ** 2 <= 1
         plane[spine] = 400.0
-        lesion = (lps_x - lesion_lps[0]) ** 2 + (lps_y - lesion_lps[1]) ** 2 + (s - lesion_lps[2]) ** 2 <= LESION_RADIUS_MM**2
+        lesion = ((lps_x - lesion_lps[0]) ** 2 + (lps_y - lesion_lps[1]) ** 2 + (s - lesion_lps[2]) ** 2
+                  <= LESION_RADIUS_MM**2)
         plane[lesion] = 90.0
         plane += rng.standard_normal(size[:2], dtype=np.float32) * 15.0
         array[:, :, k] = plane
@@ -263,9 +265,11 @@ def run_item(spec: str, volume_path: str, item: str, target_text: str, device: s
             shape = [max(n, r) for n, r in zip(x.shape[2:], model.sliding_window.roi_size)]
             from xaioverlay import sliding
 
-            count = len(sliding.window_slices(shape, model.sliding_window.roi_size, model.sliding_window.overlap)) if windowed else 1
+            window = model.sliding_window
+            count = len(sliding.window_slices(shape, window.roi_size, window.overlap)) if windowed else 1
             record["windows"] = f"{count}/{count}"
-            record["predicted_voxels"] = {"channel 1": int(prediction.counts[1]), "largest": int(prediction.counts[1:].max())}
+            record["predicted_voxels"] = {"channel 1": int(prediction.counts[1]),
+                                          "largest": int(prediction.counts[1:].max())}
             record["largest_channel"] = int(prediction.counts[1:].argmax()) + 1
         else:
             prediction = predict(model, x, target_channel(target_text, model))
@@ -322,8 +326,10 @@ def format_rows(rows: list[dict], cuda: bool) -> list[str]:
         ratio = lambda reference: f"{seconds / reference:>7.2f}×" if reference else f"{'-':>8}"  # noqa: E731
         passes = row.get("passes") or {}
         gpu = f"{row.get('peak_gpu_mb', 0) / 1024:>13.2f}" if cuda else ""
-        lines.append(f"  {label:<22}{target:<9}{seconds:>9.1f}{ratio(inference)}{' ' + ratio(everywhere)}{' ' + ratio(own)}"
-                     f"{row['peak_rss_mb'] / 1024:>13.2f}{gpu}{str(passes.get('forward', '-')) + '/' + str(passes.get('backward', '-')):>12}"
+        counted = str(passes.get("forward", "-")) + "/" + str(passes.get("backward", "-"))
+        lines.append(f"  {label:<22}{target:<9}{seconds:>9.1f}{ratio(inference)}"
+                     f"{' ' + ratio(everywhere)}{' ' + ratio(own)}"
+                     f"{row['peak_rss_mb'] / 1024:>13.2f}{gpu}{counted:>12}"
                      f"{row.get('windows', '-'):>9}")
     return lines
 
@@ -334,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--models", default="2,105", help="output channels of the models to measure (default 2,105)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"methods (default: {','.join(METHODS)})")
-    parser.add_argument("--quick", action="store_true", help="a 128×128×64 volume, 32³ windows and a smaller UNet (smoke run)")
-    parser.add_argument("--same-process", action="store_true", help="run every item in this process (faster start; peaks are then cumulative)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a 128×128×64 volume, 32³ windows and a smaller UNet (smoke run)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every item in this process (faster start; peaks are then cumulative)")
     parser.add_argument("--methods-only", action="store_true",
                         help="only the method rows on the ball target (no baselines, no region): a memory check")
-    parser.add_argument("--keep", help="build the volume and specs in this folder and keep them (default: a temporary folder)")
+    parser.add_argument("--keep",
+                        help="build the volume and specs in this folder and keep them (default: a temporary folder)")
     parser.add_argument("--json", help="also write the raw rows to this file")
     args = parser.parse_args(argv)
     models = [int(v) for v in args.models.split(",") if v.strip()]
@@ -349,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = QUICK if args.quick else FULL
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{' (amp)' if args.amp else ''}",
-          flush=True)
+    amp = " (amp)" if args.amp else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{amp}", flush=True)
     everything = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.keep or scratch)
@@ -366,13 +375,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.methods_only:
                 rows = []
                 for method in methods:
-                    rows.append(run_fresh(spec, str(volume_path), f"method:{METHODS[method]}", ball, args.device, args.amp,
-                                          same_process=args.same_process))
+                    rows.append(run_fresh(spec, str(volume_path), f"method:{METHODS[method]}", ball, args.device,
+                                          args.amp, same_process=args.same_process))
                     print(f"  done {method}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-                print(f"\n{channels}-channel UNet (method rows only):\n" + "\n".join(format_rows(rows, args.device == "cuda")))
+                table = "\n".join(format_rows(rows, args.device == "cuda"))
+                print(f"\n{channels}-channel UNet (method rows only):\n" + table)
                 everything[channels] = rows
                 continue
-            rows = [run_fresh(spec, str(volume_path), "inference", ball, args.device, args.amp, same_process=args.same_process)]
+            rows = [run_fresh(spec, str(volume_path), "inference", ball, args.device, args.amp,
+                              same_process=args.same_process)]
             # the region: the foreground channel predicted most (random weights may predict channel 1 nowhere)
             region = f"channel:{rows[0].get('largest_channel', 1)}"
             print(f"  done inference: {json.dumps(rows[0])}", file=sys.stderr, flush=True)
@@ -387,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             plan += [(f"method:{METHODS[method]}", region) for method in gradient]
             plan += [(f"method:{METHODS[method]}", ball) for method in methods if method not in GRADIENT_METHODS]
             for item, target in plan:
-                row = run_fresh(spec, str(volume_path), item, target, args.device, args.amp, same_process=args.same_process)
+                row = run_fresh(spec, str(volume_path), item, target, args.device, args.amp,
+                                same_process=args.same_process)
                 rows.append(row)
                 print(f"  done {item} ({target}): {json.dumps(row)}", file=sys.stderr, flush=True)
             grid = next((r["grid"] for r in rows if "grid" in r), None)

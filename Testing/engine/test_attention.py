@@ -24,7 +24,8 @@ CLASS_1 = Target(1, "b", "logit", "softmax", None, {})
 
 
 def loaded(network, task="segmentation") -> LoadedModel:
-    return LoadedModel(network=network.eval(), device=torch.device("cpu"), task=task, class_names=["a", "b"], in_channels=1)
+    return LoadedModel(network=network.eval(), device=torch.device("cpu"), task=task, class_names=["a", "b"],
+                       in_channels=1)
 
 
 def build(spec: dict):
@@ -167,7 +168,8 @@ def test_explain_refuses_attention_on_a_cnn_with_the_reason_and_the_default_meth
     model = load_model(unet_spec, device="cpu")
     assert "attention" not in demo_methods(model) and "gxi" in demo_methods(model)
     image = Volume(torch.rand(32, 32, 32).numpy(), Geometry((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
-    with pytest.raises(ModelError, match="^UNet has no attention gates or self-attention blocks; use gradcam/lrp/occlusion"):
+    with pytest.raises(ModelError,
+                       match="^UNet has no attention gates or self-attention blocks; use gradcam/lrp/occlusion"):
         explain(model, [image], "attention", "channel:tumour")
 
 
@@ -190,8 +192,8 @@ def test_cli_writes_the_attention_map_for_unetr_and_exits_1_with_the_reason_for_
     from xaioverlay.cli import main
     from xaioverlay.volumes import write_volume
 
-    image = write_volume(Volume(torch.rand(32, 32, 32).numpy(), Geometry((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))),
-                         tmp_path / "case.nrrd")
+    volume = Volume(torch.rand(32, 32, 32).numpy(), Geometry((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    image = write_volume(volume, tmp_path / "case.nrrd")
     unetr = save_spec_model(tmp_path / "unetr", SMALL_UNETR, task="segmentation", class_names=["background", "tumour"])
     code = main(["explain", "--model", str(unetr), "--input", str(image), "--target", "channel:tumour",
                  "--methods", "attention", "--out", str(tmp_path / "out"), "--progress", "none"])

@@ -18,7 +18,8 @@ def test_quick_run_prints_every_row_with_time_memory_and_passes(tmp_path):
                           "--keep", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     printed = run.stdout
-    rows = {(m.group(1), m.group(2)): m.group(0) for m in re.finditer(r"^  (.+?)\s{2,}(ball|region|-)\s+\d.*$", printed, re.M)}
+    row_pattern = r"^  (.+?)\s{2,}(ball|region|-)\s+\d.*$"
+    rows = {(m.group(1), m.group(2)): m.group(0) for m in re.finditer(row_pattern, printed, re.M)}
     assert set(rows) == {("inference", "-"), ("fwd+bwd ball", "ball"), ("gxi", "ball"), ("fwd+bwd all", "-"),
                          ("fwd+bwd region", "region"), ("gxi", "region")}, printed
     gxi = rows[("gxi", "ball")].split()

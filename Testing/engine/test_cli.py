@@ -78,7 +78,8 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, capsys, case, prob
     model, image = case
     args = {"--model": model, "--input": [image], "--methods": "gradcam", "--out": tmp_path / "out"}
     expected = {
-        "missing": "no such file", "truncated": "cut.nii.gz is truncated or corrupt (the compressed stream ends early)", "2d": "not a 3D volume",
+        "missing": "no such file", "truncated": "cut.nii.gz is truncated or corrupt (the compressed stream ends early)",
+        "2d": "not a 3D volume",
         "channels": "expects 1 input channel(s) but got 2", "nan": "NaN or infinite voxels",
         "layer": "unknown layer 'features.denseblok4'; close matches: features.denseblock4",
         "class": "unknown class 'tumor'; did you mean 'tumour'", "empty_mask": "is empty",

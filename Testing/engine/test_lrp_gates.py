@@ -165,15 +165,19 @@ def test_uniform_split_gives_half_to_the_signal_and_half_through_the_gate_by_han
 
 def test_uniform_split_is_an_option_recorded_with_the_map_and_refused_where_the_product_is_inline():
     method = build_method("lrp:epsilon-gamma-box/uniform")
-    assert method.spec == "lrp:epsilon-gamma-box/uniform" and build_method("lrp:/uniform").spec == "lrp:epsilon-plus-flat/uniform"
+    assert method.spec == "lrp:epsilon-gamma-box/uniform"
+    assert build_method("lrp:/uniform").spec == "lrp:epsilon-plus-flat/uniform"
     x = torch.randn(1, 1, 32, 32, 32)
     target = Target(1, "c1", "logit", "softmax", torch.ones(32, 32, 32), {})
-    attribution = build_method("lrp:zero/uniform").attribute(loaded(bias_free_attention_unet(), "segmentation"), x, target)
+    gated = loaded(bias_free_attention_unet(), "segmentation")
+    attribution = build_method("lrp:zero/uniform").attribute(gated, x, target)
     assert attribution.parameters["gates"] == {"rule": GATE_RULES["uniform"], "count": 2}
-    model = loaded(nets.EfficientNetBN("efficientnet-b0", spatial_dims=3, in_channels=1, num_classes=2), "classification")
+    model = loaded(nets.EfficientNetBN("efficientnet-b0", spatial_dims=3, in_channels=1, num_classes=2),
+                   "classification")
     network = model.network
     before = snapshot(network, x)
-    with pytest.raises(ModelError, match="uniform gate split needs the gate product as the block's output.*MBConvBlock"):
+    with pytest.raises(ModelError,
+                       match="uniform gate split needs the gate product as the block's output.*MBConvBlock"):
         build_method("lrp:zero/uniform").attribute(model, x, Target(1, "c1", "logit", "softmax", None, {}))
     assert_untouched(before, network, x)
     with pytest.raises(Exception, match="unknown LRP gate split 'half'"):

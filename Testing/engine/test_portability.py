@@ -139,7 +139,8 @@ def test_explain_and_describe_run_where_resource_cannot_be_imported(tmp_path):
     arguments = [str(bundle_path("tumour_classifier")), str(image), str(tmp_path / "out")]
     engine_first = os.pathsep.join([str(ROOT / "XAIOverlay"), os.environ.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", WITHOUT_UNIX_MODULES, *arguments], capture_output=True, text=True,
-                            encoding="utf-8", errors="replace", timeout=600, env={**os.environ, "PYTHONPATH": engine_first})
+                            encoding="utf-8", errors="replace", timeout=600,
+                            env={**os.environ, "PYTHONPATH": engine_first})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["code"] == 0 and report["source"] == "psutil"

@@ -1,4 +1,5 @@
-"""Additive maps (LRP, gradient × input, IG) keep their sums when moved to the input grid; intensities stay trilinear."""
+"""Additive maps (LRP, gradient × input, IG) keep their sums when moved to the input grid; intensities stay
+trilinear."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_region_sums_are_kept_from_a_coarse_grid_to_a_rotated_grid_with_5x_small
     points = centres_ras(model)
     near_a = np.linalg.norm(points - (centre + [-12, 0, 0]), axis=-1)
     near_b = np.linalg.norm(points - (centre + [14, 4, 0]), axis=-1)
-    values = (rng.normal(0.3, 1.0, model.size) * (near_a < 7) - rng.random(model.size) * (near_b < 7)).astype(np.float32)
+    values = rng.normal(0.3, 1.0, model.size) * (near_a < 7) - rng.random(model.size) * (near_b < 7)
+    values = values.astype(np.float32)
 
     written = resample_additive(values, model.ijk_to_ras(), fine.size, fine.ijk_to_ras())
 
@@ -40,8 +42,10 @@ def test_region_sums_are_kept_from_a_coarse_grid_to_a_rotated_grid_with_5x_small
     assert written.sum(dtype=np.float64) == pytest.approx(values.sum(dtype=np.float64), rel=0.01)
     region_fine = np.linalg.norm(centres_ras(fine) - (centre + [-12, 0, 0]), axis=-1) < 13
     region_model = near_a < 13
-    assert written[region_fine].sum(dtype=np.float64) == pytest.approx(values[region_model].sum(dtype=np.float64), rel=0.01)
-    assert written[~region_fine].sum(dtype=np.float64) == pytest.approx(values[~region_model].sum(dtype=np.float64), rel=0.01)
+    assert written[region_fine].sum(dtype=np.float64) == pytest.approx(
+        values[region_model].sum(dtype=np.float64), rel=0.01)
+    assert written[~region_fine].sum(dtype=np.float64) == pytest.approx(
+        values[~region_model].sum(dtype=np.float64), rel=0.01)
 
 
 def test_a_uniform_density_stays_uniform_on_a_rotated_grid():
@@ -87,7 +91,8 @@ def test_written_relevance_sums_to_what_each_method_reports_on_an_oblique_anisot
     geometry = oblique_geometry(size=(56, 48, 28), spacing=(1.0, 1.2, 2.0))  # 2.4 mm³: 5× smaller than the model's
     centre = geometry.ijk_to_ras_points(np.array([[28, 24, 14]]))[0]
     volume = blob_volume(geometry, centre, 12.0, value=1.0)
-    result = explain(respaced_unet, [volume], ["gxi", "ig:8", "lrp", "gradcam"], f"channel:1@point:{centre[0]},{centre[1]},{centre[2]},8")
+    target = f"channel:1@point:{centre[0]},{centre[1]},{centre[2]},8"
+    result = explain(respaced_unet, [volume], ["gxi", "ig:8", "lrp", "gradcam"], target)
     by_name = {r.name: r for r in result.results}
     assert result.model_input.spatial_shape != geometry.size
     for name in ("gxi", "ig", "lrp"):

@@ -48,7 +48,8 @@ def test_a_network_that_would_download_weights_is_refused(tmp_path):
 
 def test_a_network_whose_default_downloads_weights_must_say_pretrained_false(tmp_path):
     args = {"model_name": "efficientnet-b0", "spatial_dims": 3, "in_channels": 1, "num_classes": 2}
-    refused(spec_with(tmp_path, network={"name": "EfficientNetBN", "args": args}), "EfficientNetBN with pretrained=True")
+    network = {"name": "EfficientNetBN", "args": args}
+    refused(spec_with(tmp_path, network=network), "EfficientNetBN with pretrained=True")
 
 
 def test_a_function_of_the_networks_module_is_refused(tmp_path):
@@ -61,7 +62,8 @@ def test_a_spec_with_the_usual_preprocessing_still_loads(tmp_path):
         {"name": "LoadImaged", "args": {"keys": "image"}}, {"name": "EnsureChannelFirstd", "args": {"keys": "image"}},
         {"name": "Orientationd", "args": {"keys": "image", "axcodes": "RAS"}},
         {"name": "Spacingd", "args": {"keys": "image", "pixdim": [1.5, 1.5, 2.0]}},
-        {"name": "ScaleIntensityRanged", "args": {"keys": "image", "a_min": -100, "a_max": 200, "b_min": 0, "b_max": 1, "clip": True}},
+        {"name": "ScaleIntensityRanged",
+         "args": {"keys": "image", "a_min": -100, "a_max": 200, "b_min": 0, "b_max": 1, "clip": True}},
         {"name": "CropForegroundd", "args": {"keys": "image", "source_key": "image"}},
         {"name": "DivisiblePadd", "args": {"keys": "image", "k": 4}},
         {"name": "EnsureTyped", "args": {"keys": "image"}},

@@ -46,7 +46,8 @@ def test_point_radius_and_box_are_in_ras_millimetres(segmenter):
     assert sorted(torch.nonzero(ball.weights).tolist()) == sorted(expected.tolist())
     assert len(expected) == 21 + 2 * 9  # in-plane: di²+dj² ≤ 5 (21 voxels); slices ±1 (3 mm): di²+dj² ≤ 2 (9 each)
     low, high = ras_of(4, 3, 2), ras_of(6, 6, 4)  # corners in any order
-    box = resolve_target("channel:tumour@box:" + ",".join(f"{v}" for v in (*low, *high)), model, model_input, prediction)
+    box_spec = "channel:tumour@box:" + ",".join(f"{v}" for v in (*low, *high))
+    box = resolve_target(box_spec, model, model_input, prediction)
     selected = torch.nonzero(box.weights)
     assert selected.min(0).values.tolist() == [4, 3, 2] and selected.max(0).values.tolist() == [6, 6, 4]
     assert box.region["voxels"] == 3 * 4 * 3 and box.region["volume_ml"] == pytest.approx(36 * 12 / 1000)
@@ -102,7 +103,8 @@ def test_classifier_targets_logit_or_probability(densenet_spec):
     model_input = model.preprocess([volume])
     logits = model.infer(model_input.tensor)
     prediction = predict(model, model_input.tensor)
-    assert float(resolve_target("class:tumour", model, model_input, prediction)(logits)) == pytest.approx(float(logits[0, 1]))
+    logit = resolve_target("class:tumour", model, model_input, prediction)(logits)
+    assert float(logit) == pytest.approx(float(logits[0, 1]))
     probability = resolve_target("class:1", model, model_input, prediction, score="probability")(logits)
     assert float(probability) == pytest.approx(float(torch.softmax(logits, 1)[0, 1]))
     with pytest.raises(TargetError, match="a classifier has no spatial output"):

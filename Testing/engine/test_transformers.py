@@ -10,12 +10,14 @@ from xaioverlay.methods import build_method
 from xaioverlay.models import load_model
 from xaioverlay.targets import Target
 
-SMALL_UNETR = {"name": "UNETR", "args": {"in_channels": 1, "out_channels": 2, "img_size": [32, 32, 32], "feature_size": 4,
-                                         "hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "spatial_dims": 3}}
+SMALL_UNETR = {"name": "UNETR", "args": {"in_channels": 1, "out_channels": 2, "img_size": [32, 32, 32],
+                                         "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4,
+                                         "spatial_dims": 3}}
 SMALL_SWINUNETR = {"name": "SwinUNETR", "args": {"in_channels": 1, "out_channels": 2, "feature_size": 12,
                                                  "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3], "spatial_dims": 3}}
-SMALL_VIT = {"name": "ViT", "args": {"in_channels": 1, "img_size": [32, 32, 32], "patch_size": [8, 8, 8], "hidden_size": 48,
-                                     "mlp_dim": 96, "num_layers": 2, "num_heads": 4, "classification": True, "num_classes": 2}}
+SMALL_VIT = {"name": "ViT", "args": {"in_channels": 1, "img_size": [32, 32, 32], "patch_size": [8, 8, 8],
+                                     "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 4,
+                                     "classification": True, "num_classes": 2}}
 #: network, task, input size (SwinUNETR's instance norm needs more than one voxel after five halvings)
 TRANSFORMERS = {"UNETR": (SMALL_UNETR, "segmentation", 32), "SwinUNETR": (SMALL_SWINUNETR, "segmentation", 64),
                 "ViT": (SMALL_VIT, "classification", 32)}
@@ -23,7 +25,8 @@ TRANSFORMERS = {"UNETR": (SMALL_UNETR, "segmentation", 32), "SwinUNETR": (SMALL_
 
 def transformer_model(tmp_path, name):
     network, task, _ = TRANSFORMERS[name]
-    return load_model(save_spec_model(tmp_path / name, network, task=task, class_names=["background", "tumour"]), device="cpu")
+    saved = save_spec_model(tmp_path / name, network, task=task, class_names=["background", "tumour"])
+    return load_model(saved, device="cpu")
 
 
 def target_for(model, size=32):

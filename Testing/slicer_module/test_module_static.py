@@ -140,7 +140,8 @@ FAKE_SLICER = {
                        "macro(slicer_add_python_unittest)\nendmacro()\n",
     "Nothing.cmake": "",
     "Describe.cmake": 'file(WRITE ${CMAKE_BINARY_DIR}/description.json "{\\"homepage\\": \\"${EXTENSION_HOMEPAGE}\\", '
-                      '\\"icon\\": \\"${EXTENSION_ICONURL}\\", \\"screenshots\\": \\"${EXTENSION_SCREENSHOTURLS}\\"}")\n',
+                      '\\"icon\\": \\"${EXTENSION_ICONURL}\\", '
+                      '\\"screenshots\\": \\"${EXTENSION_SCREENSHOTURLS}\\"}")\n',
 }
 
 

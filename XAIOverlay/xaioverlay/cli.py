@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cohort.command import add_cohort_arguments, run_cohort_command
 
-    cohort = commands.add_parser("cohort", help="explain (and measure) many cases on a Dask cluster; writes cases/, cohort.csv",
+    cohort = commands.add_parser("cohort",
+                                 help="explain (and measure) many cases on a Dask cluster; writes cases/, cohort.csv",
                                  formatter_class=argparse.RawTextHelpFormatter)
     add_cohort_arguments(cohort)
     cohort.set_defaults(run=run_cohort_command)

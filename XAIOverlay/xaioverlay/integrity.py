@@ -280,7 +280,8 @@ def check_dicom_folder(folder: Path, series_files: list[str], taken_files: set[s
     expected = dicom_storage_class(Path(series_files[0])) if series_files else None
     taken = {Path(f).resolve() for f in taken_files}
     for item in sorted(folder.iterdir()):
-        if not item.is_file() or item.resolve() in taken or item.name.upper() == "DICOMDIR" or not _looks_like_dicom(item):
+        if (not item.is_file() or item.resolve() in taken or item.name.upper() == "DICOMDIR"
+                or not _looks_like_dicom(item)):
             continue
         storage_class = dicom_storage_class(item)
         if storage_class is None or storage_class == expected:

@@ -26,7 +26,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory still available on ``device`` (CUDA: free device memory; CPU: see :func:`~.measure.available_memory_bytes`)."""
+    """Memory still available on ``device``.
+
+    CUDA: free device memory; CPU: see :func:`~.measure.available_memory_bytes`."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     return available_memory_bytes()

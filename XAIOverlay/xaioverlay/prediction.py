@@ -46,7 +46,8 @@ def label_dtype(channels: int) -> torch.dtype:
 
 
 def block_decisions(block: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, K, *S) output → ((*S) labels as :attr:`Prediction.labels` defines them, (K, *S) bool per-channel decisions).
+    """(1, K, *S) output → ((*S) labels as :attr:`Prediction.labels` defines them,
+    (K, *S) bool per-channel decisions).
 
     The decisions are one block's: a segmenter's whole output is never turned into them at once."""
     channels = block.shape[1]

@@ -189,7 +189,8 @@ def region_mask(spec: TargetSpec, model: LoadedModel, model_input: ModelInput, p
     device = model_input.tensor.device
     if spec.region == "":
         if prediction.channel != index:
-            raise ValueError(f"the prediction kept channel {prediction.channel}, the target's region is channel {index}'s")
+            raise ValueError(f"the prediction kept channel {prediction.channel}, "
+                             f"the target's region is channel {index}'s")
         mask = prediction.region
         if not mask.any():
             raise TargetError(

@@ -182,8 +182,8 @@ class Worker:
     def _model(self, request: dict, report: Callable[[dict], None]):
         if not request.get("model"):
             raise XAIOverlayError("no model given; choose a MONAI bundle folder, a spec (.yaml/.json) or a TorchScript file")
-        model, cached = self.models.get(request["model"], request.get("device", "auto"), bool(request.get("amp", False)),
-                                        request.get("model_options"))
+        model, cached = self.models.get(request["model"], request.get("device", "auto"),
+                                        bool(request.get("amp", False)), request.get("model_options"))
         self._check_every_pass(model.network)
         if not cached:
             report({"event": "message", "message": f"loaded {model.model_id}", "stage": "model"})
@@ -223,7 +223,8 @@ class Worker:
         score, layer = request.get("score", "logit"), request.get("layer") or None
         metrics = None
         if request.get("evaluate"):
-            explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, request, Progress(report))
+            explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, request,
+                                                 Progress(report))
         else:
             explanation = explain(model, volumes, methods, target, score=score, layer=layer, progress=Progress(report))
         self.check_cancelled()

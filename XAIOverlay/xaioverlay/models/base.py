@@ -47,6 +47,19 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_mapping(path: Path, load: Callable[[str], object], errors: tuple[type[Exception], ...], kind: str,
+                 not_a_mapping: str) -> dict:
+    """``load`` of the text of ``path``; a one-line ModelError when it is not valid ``kind`` or not a mapping."""
+    try:
+        content = load(path.read_text(encoding="utf-8"))
+    except (*errors, UnicodeDecodeError) as error:
+        first_line = next(iter(str(error).splitlines()), "")
+        raise ModelError(f"{path}: not valid {kind} ({first_line[:160]})") from None
+    if not isinstance(content, dict):
+        raise ModelError(f"{path}: {not_a_mapping}")
+    return content
+
+
 @dataclass
 class ModelInput:
     """A preprocessed input, ready for the network.

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .base import SEGMENTATION, LoadedModel, SlidingWindow, file_digest
+from .base import SEGMENTATION, LoadedModel, SlidingWindow, file_digest, read_mapping
 from .nnunet_preprocessing import NNUNetPreprocessing, plan_from
 from .weights import apply_state_dict
 
@@ -91,13 +91,7 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{path.parent}: {path.name} is missing; give the nnU-Net trained-model folder "
                          "(Trainer__Plans__Configuration) that holds dataset.json, plans.json and fold_N/")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelError(f"{path}: not valid JSON ({str(error)[:120]})") from None
-    if not isinstance(content, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return content
+    return read_mapping(path, json.loads, (json.JSONDecodeError,), "JSON", "expected a JSON object")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

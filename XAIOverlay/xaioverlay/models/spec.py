@@ -37,7 +37,7 @@ import yaml
 
 from ..errors import ModelError
 from . import config
-from .base import LoadedModel, SlidingWindow, file_digest
+from .base import LoadedModel, SlidingWindow, file_digest, read_mapping
 from .weights import apply_state_dict, load_state_dict
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
@@ -54,13 +54,8 @@ SPEC_TRANSFORMS = (
 
 
 def read_spec(path: Path) -> dict:
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ModelError(f"{path}: not valid YAML/JSON ({str(error).splitlines()[0][:160]})") from None
-    if not isinstance(spec, dict):
-        raise ModelError(f"{path}: a model spec must be a mapping with 'network' and 'weights'")
-    return spec
+    return read_mapping(path, yaml.safe_load, (yaml.YAMLError,), "YAML/JSON",
+                        "a model spec must be a mapping with 'network' and 'weights'")
 
 
 def _refuse_code(value: Any, where: str, path: Path) -> None:
