@@ -142,3 +142,85 @@ def test_ig_options_are_read_from_the_method_spec(spec, steps, baseline, normali
 def test_bad_options_are_refused_with_a_clear_message(spec):
     with pytest.raises(InputError):
         build_method(spec)
+
+
+class OutOfMemoryAbove(nn.Module):
+    """A real network that fails as PyTorch's CPU allocator does when a batch holds more than ``most`` items
+    (memory cannot be exhausted on purpose in a test); records the batch size of every call."""
+
+    def __init__(self, network: nn.Module, most: int) -> None:
+        super().__init__()
+        self.network, self.most, self.batches = network, most, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(int(x.shape[0]))
+        if x.shape[0] > self.most:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9000000000 bytes.")
+        return self.network(x)
+
+
+def recording_segmenter(most: int = 1 << 30) -> LoadedModel:
+    model = segmenter()
+    model.network = OutOfMemoryAbove(model.network, most)
+    return model
+
+
+def test_integrated_gradients_batch_follows_free_memory_and_keeps_the_map(monkeypatch):
+    import xaioverlay.memory
+
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    target = region_target(16)
+    start = make_baseline(x, "zero")
+    reference, _ = integrated_gradients(segmenter(), x, target, start, steps=16, batch_size=1)
+    # 16 path points + input and baseline; the last two calls are the completeness check (one item each)
+    monkeypatch.setattr(xaioverlay.memory, "free_memory_bytes", lambda device: 2**20)
+    low = recording_segmenter()
+    on_little, _ = integrated_gradients(low, x, target, start, steps=16)
+    assert low.network.batches == [1] * 18  # one path point's graph needs more than a quarter of 1 MB
+    monkeypatch.setattr(xaioverlay.memory, "free_memory_bytes", lambda device: 64 * 2**30)
+    high = recording_segmenter()
+    on_plenty, _ = integrated_gradients(high, x, target, start, steps=16)
+    assert high.network.batches == [1, 4, 4, 4, 3, 1, 1]  # the first point measures; then the CPU's most per batch
+    for result in (on_little, on_plenty):
+        torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
+
+
+def test_integrated_gradients_halve_a_batch_that_runs_out_of_memory_and_finish():
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+    target = region_target(16)
+    start = make_baseline(x, "blurred")
+    reference, completeness = integrated_gradients(segmenter(), x, target, start, steps=10, batch_size=1)
+    model = recording_segmenter(most=3)
+    result, again = integrated_gradients(model, x, target, start, steps=10, batch_size=8)
+    # 8 fails, 4 fails, then batches of 2 (never larger again), then the two completeness passes
+    assert model.network.batches == [8, 4, 2, 2, 2, 2, 2, 1, 1]
+    torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
+    assert again["score_difference"] == pytest.approx(completeness["score_difference"], rel=1e-6)
+
+
+def test_one_path_point_out_of_memory_ends_in_one_line_not_a_traceback():
+    from xaioverlay.errors import ModelError
+    from xaioverlay.memory import out_of_memory_as_error
+
+    model = recording_segmenter(most=0)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ModelError, match="out of memory while explaining") as caught:
+        with out_of_memory_as_error(model.device, "explaining"):
+            integrated_gradients(model, x, region_target(16), torch.zeros_like(x), steps=4, batch_size=2)
+    assert "\n" not in str(caught.value) and model.network.batches == [2, 1]
+
+
+def test_what_a_backward_pass_saves_is_measured_per_item():
+    from xaioverlay.memory import saved_for_backward
+
+    network = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 2, 3, padding=1))
+    measured = []
+    for items in (1, 2):
+        x = torch.randn(items, 1, 16, 16, 16, requires_grad=True)
+        with saved_for_backward() as saved:
+            out = network(x).sum()
+        measured.append(sum(saved.values()))
+        out.backward()
+    relu_output = 8 * 16**3 * 4  # bytes of one item's ReLU output, which the second convolution keeps
+    assert measured[0] >= relu_output
+    assert measured[1] - measured[0] >= relu_output  # every further item adds its own activations
