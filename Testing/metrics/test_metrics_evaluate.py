@@ -215,6 +215,46 @@ def test_batched_windows_score_as_the_models_own_inferer(tmp_path):
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("score", ["logit", "probability"])
+def test_faithfulness_never_builds_a_sliding_window_models_whole_output(tmp_path, monkeypatch, score):
+    import torch
+
+    from xaioverlay.metrics import faithfulness
+    from xaioverlay.models import load_model
+    from xaioverlay.targets import Target
+
+    spec = save_spec_model(tmp_path / "unet", SMALL_UNET, task="segmentation", class_names=["background", "tumour"],
+                           sliding_window={"roi_size": [16, 16, 16], "overlap": 0.5, "mode": "gaussian"})
+    model = load_model(spec, device="cpu")
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn((1, 1, 40, 32, 16), generator=generator)
+    relevance = torch.randn((40, 32, 16), generator=generator)
+    region = torch.zeros((40, 32, 16))
+    region[2:8, 3:8, 4:12] = 1  # inside the first of the 4 × 3 windows only
+    target = Target(1, "tumour", score, "softmax", weights=region)
+
+    def whole_output(model, target, inputs):  # the reference: the target of the model's whole blended output
+        return target(model.infer(inputs)).float()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(faithfulness, "target_scores", whole_output)
+        expected = faithfulness.deletion_insertion(model, x, relevance, target, step_fraction=0.1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole multi-channel output was built")
+
+    monkeypatch.setattr(model, "infer", refuse)
+    if score == "logit":  # a logit's region score adds up over windows: only the window holding it runs
+        monkeypatch.setattr(model, "output_blocks", refuse)
+    model.passes.reset()
+    curves = faithfulness.deletion_insertion(model, x, relevance, target, step_fraction=0.1)
+    for kind in ("deletion", "insertion"):
+        np.testing.assert_allclose(curves[kind].scores, expected[kind].scores, rtol=1e-5, atol=1e-5)
+        assert curves[kind].normalised_auc == pytest.approx(expected[kind].normalised_auc, rel=1e-4)
+    inputs = 2 + 2 * 9  # the original, the baseline, 9 inner steps per curve
+    assert model.passes.forward == inputs * (1 if score == "logit" else 12)
+
+
 @pytest.mark.parametrize("sigma", [0.0, -2.0])
 def test_a_blur_baseline_without_width_is_refused_in_one_line(sigma):
     from xaioverlay.errors import InputError

@@ -68,3 +68,23 @@ def test_complexity_and_relevance_mass_match_float64_without_a_float64_map(maps)
     assert entropy == pytest.approx(float(-(p * p.log()).sum() / math.log(count)), rel=1e-9)
     positive = relevance.flatten().clamp_min(0).double()
     assert mass == pytest.approx(float(positive[mask.flatten()].sum() / positive.sum()), rel=1e-9)
+
+
+def test_pointing_game_rank_accuracy_and_chance_levels_without_a_float64_map(maps):
+    relevance = maps["b"][None]
+    mask = maps["a"] > 0.5
+    region = maps["a"] > 0.2
+    with LargestFloat64() as largest:
+        weighted = float(localisation.size_weighted_pointing_game(relevance, region)[0])
+        rank = float(localisation.relevance_rank_accuracy(relevance, mask)[0])
+        chance = localisation.chance_levels(mask, region)
+    assert largest.numel < relevance.numel() / 4, f"a float64 tensor of {largest.numel} values"
+    flat, inside, near = relevance.flatten().double(), mask.flatten(), region.flatten()
+    share_region, share_mask = float(near.double().mean()), float(inside.double().mean())
+    hit = float(near[flat.argmax()])
+    assert weighted == pytest.approx(hit * (1 - share_region), rel=1e-12)
+    top = torch.topk(flat, int(inside.sum())).indices
+    assert rank == pytest.approx(float(inside[top].double().mean()), rel=1e-12)
+    assert chance == pytest.approx({"pointing_game": share_region, "pointing_game_size_weighted":
+                                    share_region * (1 - share_region), "relevance_mass": share_mask,
+                                    "relevance_rank": share_mask}, rel=1e-12)

@@ -204,30 +204,27 @@ def attribute_by_window(
     Windows whose share of the target region is zero are skipped.
     """
     window = model.sliding_window
-    pads = sliding.window_padding(x.shape[2:], window.roi_size)
-    padded = sliding.pad(x, pads)
-    weights = sliding.pad(target.weights, pads)
-    importance, total, slices = sliding.blend_weights(window, padded.shape[2:], x.device)
-    share = torch.where(total > 0, weights / total.clamp_min(1e-12), torch.zeros_like(total))
-    active = [part for part in slices if bool((share[part] != 0).any())]
+    shares = sliding.region_shares(window, target.weights)
+    padded = sliding.pad(x, shares.pads)
     result = torch.zeros(padded.shape[2:], device=x.device)
     parameters: dict = {}
     extras: list[dict] = []
-    method.begin_windows(x, pads)
+    method.begin_windows(x, shares.pads)
     try:
-        for done, part in enumerate(active, start=1):
+        for done, part in enumerate(shares.active, start=1):
             method.window = part
-            window_target = target.restricted(share[part] * importance)
+            window_target = target.restricted(shares.weights(part))
             attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS)
             result[part] += attribution.map
             parameters = attribution.parameters
             extras.append(attribution.extras)
-            progress(done, len(active), unit="windows")
+            progress(done, len(shares.active), unit="windows")
     finally:
         method.window = None
         method.end_windows()
-    parameters = {**parameters, "windows": {"used": len(active), "total": len(slices), "roi_size": list(window.roi_size)}}
-    return Attribution(sliding.unpad(result, pads), method.signed, parameters, method.combine_extras(extras))
+    parameters = {**parameters, "windows": {"used": len(shares.active), "total": len(shares.windows),
+                                            "roi_size": list(window.roi_size)}}
+    return Attribution(sliding.unpad(result, shares.pads), method.signed, parameters, method.combine_extras(extras))
 
 
 def attribute(method: Method, model: LoadedModel, model_input: ModelInput, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:

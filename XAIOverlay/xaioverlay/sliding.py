@@ -19,6 +19,7 @@ output at once (105 channels on a CT-sized grid are 9.5 GB of float32).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -94,6 +95,39 @@ def blend_weights(window: SlidingWindow, spatial: Sequence[int], device: torch.d
     for part in slices:
         total[part] += importance
     return importance, total, slices
+
+
+@dataclass
+class RegionShares:
+    """A region target split over sliding windows: T = Σ_region w · y_c = Σ_window T_window, where
+    T_window = Σ (g · w / Σ g) · y_{window, c} over the window depends on that window's output only.
+
+    Attributes:
+        pads: the padding the windows are cut from (see :func:`window_padding`).
+        windows: every window's slices of the padded grid, in the inferer's order.
+        active: the windows whose share is not zero (the others cannot change the target).
+        share: (X, Y, Z) w / Σ g on the padded grid; importance: (*roi) g of one window.
+    """
+
+    pads: list[tuple[int, int]]
+    windows: list[tuple[slice, slice, slice]]
+    active: list[tuple[slice, slice, slice]]
+    share: torch.Tensor
+    importance: torch.Tensor
+
+    def weights(self, part: tuple[slice, slice, slice]) -> torch.Tensor:
+        """(*roi) weights of the window at ``part``: its target is Σ weights · y_{window, c}."""
+        return self.share[part] * self.importance
+
+
+def region_shares(window: SlidingWindow, weights: torch.Tensor) -> RegionShares:
+    """Split a region target with (X, Y, Z) ``weights`` on the unpadded grid over ``window``'s windows."""
+    pads = window_padding(weights.shape, window.roi_size)
+    padded = pad(weights, pads)
+    importance, total, slices = blend_weights(window, padded.shape, weights.device)
+    share = torch.where(total > 0, padded / total.clamp_min(1e-12), torch.zeros_like(total))
+    active = [part for part in slices if bool((share[part] != 0).any())]
+    return RegionShares(pads, slices, active, share, importance)
 
 
 def nnunet_gaussian(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:

@@ -14,13 +14,12 @@ AUC is the trapezoidal area under the score against the fraction of voxels pertu
 cases and models comparable: deletion, lower is better; insertion, higher is better.
 
 All perturbed inputs of one curve are built on the model's device from a (X, Y, Z) map of step
-numbers and scored in batches through :meth:`LoadedModel.infer` (so every pass is counted and a
-sliding-window model is scored as its own inferer runs it).
+numbers and scored in batches as the model's own inferer scores them (every pass counted), a
+sliding-window model window by window: never its whole multi-channel output (see :func:`target_scores`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import sliding
 from ..baselines import KINDS as BASELINES  # noqa: F401  (the metric options name them)
 from ..baselines import baseline as baseline_input
 from ..errors import InputError
@@ -107,13 +107,25 @@ def perturbed_inputs(x: torch.Tensor, baseline: torch.Tensor, step_map: torch.Te
 def target_scores(model: LoadedModel, target: Target, inputs: torch.Tensor) -> torch.Tensor:
     """Target score of each input, as the model's own inferer computes it: (B, C, X, Y, Z) → (B,) on CPU.
 
-    A sliding-window model runs as many windows at once as there are inputs (the windows' number per
-    call changes nothing in the result, and batching them is several times faster on a CPU).
+    Never the whole multi-channel output of a sliding-window model: a region target whose score adds up
+    over windows (a logit) is scored window by window, as the methods explain it, and only in the
+    windows that hold a share of the region (see :func:`~xaioverlay.sliding.region_shares`); any other
+    target block by block as the inferer blends the output. Each forward pass takes the B inputs at once.
     """
+    total = torch.zeros(len(inputs), dtype=torch.float64)
     window = model.sliding_window
-    if window is not None and window.sw_batch_size < len(inputs):
-        model = dataclasses.replace(model, sliding_window=dataclasses.replace(window, sw_batch_size=len(inputs)))
-    return target(model.infer(inputs)).detach().float().cpu()
+    with torch.no_grad():
+        if window is not None and window.needed(inputs.shape[2:]) and target.splits_over_windows:
+            shares = sliding.region_shares(window, target.weights.to(inputs.device))
+            padded = sliding.pad(inputs, shares.pads)
+            for part in shares.active:
+                output = model.forward(padded[(slice(None), slice(None), *part)])
+                total += target.restricted(shares.weights(part))(output).double().cpu()
+            return total.float()
+        for part, block in model.output_blocks(inputs):
+            scored = target if target.weights is None else target.restricted(target.weights[part])
+            total += scored(block).double().cpu()
+    return total.float()
 
 
 def area_under_curve(fractions: np.ndarray, scores: np.ndarray) -> float:

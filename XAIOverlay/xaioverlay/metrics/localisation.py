@@ -68,7 +68,7 @@ def size_weighted_pointing_game(relevance: torch.Tensor, region: torch.Tensor) -
     """Pointing game hit × (1 − |region| / N). Shapes as :func:`pointing_game`."""
     values = _flat(relevance)
     inside = _flat_mask(region, values)
-    return pointing_game(relevance, region) * (1 - inside.double().mean(1))
+    return pointing_game(relevance, region) * (1 - inside.sum(1).double() / inside.shape[1])
 
 
 def relevance_mass_accuracy(relevance: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def relevance_rank_accuracy(relevance: torch.Tensor, mask: torch.Tensor) -> torc
     for row in range(values.shape[0]):
         k = int(inside[row].sum())
         top = torch.topk(values[row], k, sorted=False).indices
-        scores[row] = inside[row, top].double().mean()
+        scores[row] = int(inside[row, top].sum()) / k if k else float("nan")
     return scores
 
 
@@ -113,8 +113,8 @@ def chance_levels(mask: torch.Tensor, region: torch.Tensor) -> dict[str, float]:
         mask: (*S) boolean reference mask.
         region: (*S) boolean mask grown by the pointing-game tolerance.
     """
-    p_mask = float(mask.double().mean())
-    p_region = float(region.double().mean())
+    p_mask = int(mask.sum()) / mask.numel()  # counts, not a float64 copy of the mask
+    p_region = int(region.sum()) / region.numel()
     return {
         "pointing_game": p_region,
         "pointing_game_size_weighted": p_region * (1 - p_region),
