@@ -1,8 +1,16 @@
 # One command to set up and run the demo, one to set up and run the tests (see README).
 # Both create (or reuse) a virtual environment in .venv with PyTorch pinned by constraints.txt.
-PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
+# Windows (GNU make with Git Bash's sh): Python installs as `python` (`python3` may be the Store's stub) and a
+# virtual environment keeps its programs in Scripts/, not bin/
+ifeq ($(OS),Windows_NT)
+PYTHON ?= python
+BIN := $(VENV)/Scripts
+else
+PYTHON ?= python3
+BIN := $(VENV)/bin
+endif
+PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 # nnU-Net's U-Nets and (for the tests) nnU-Net itself, without their timm -> torchvision dependency, which
 # cannot be imported with CPU PyTorch; what they import is listed in pyproject's nnunet/test extras
@@ -21,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/xaioverlay demo --out demo-output
+	$(BIN)/xaioverlay demo --out demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest

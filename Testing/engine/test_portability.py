@@ -174,3 +174,24 @@ def test_a_bundle_with_non_ascii_metadata_loads_whatever_the_system_encoding(tmp
                             encoding="utf-8", errors="replace", env=_c_locale_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-1500:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ["no tumour", "tumour"]
+
+
+def test_make_setup_uses_the_python_and_venv_layout_windows_has():
+    import shutil
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.fail("GNU make is needed for this test (it checks the Makefile's commands)")
+
+    def commands(*variables: str) -> list[str]:
+        result = subprocess.run(["make", "-n", "-B", "setup", "demo", *variables], cwd=ROOT, capture_output=True,
+                                text=True, check=True, env={**os.environ, "OS": ""})
+        return result.stdout.splitlines()
+
+    windows = commands("OS=Windows_NT")
+    assert windows[0] == "python -m venv .venv"  # python3 is the Microsoft Store's stub there, if anything
+    assert all("/bin/" not in line for line in windows)
+    assert any(".venv/Scripts/xaioverlay demo" in line for line in windows)
+    unix = commands()
+    assert unix[0] == "python3 -m venv .venv" and any(".venv/bin/xaioverlay demo" in line for line in unix)

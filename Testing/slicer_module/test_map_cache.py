@@ -49,6 +49,68 @@ def test_entries_round_trip_and_the_least_recently_used_go_first(tmp_path):
     assert not list((tmp_path / "cache").rglob(".*"))  # no staging folder left behind
 
 
+# --- Windows: a file held open by another program can be neither removed nor renamed over (Linux allows
+# both, so the failures are made by hand: shutil.rmtree and os.replace as they fail there) ---
+def _held_open_rmtree(real):
+    """shutil.rmtree as on Windows while a file inside a cache entry is open: the entry cannot be removed
+    (``ignore_errors`` leaves it in place); anything else (the staging folder) is removed as usual."""
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if Path(path).name.startswith(".") and not Path(path).name.startswith(".replaced-"):
+            return real(path, ignore_errors=ignore_errors, **kwargs)
+        if ignore_errors:
+            return None
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process",
+                              str(path))
+    return rmtree
+
+
+def test_an_entry_whose_file_is_held_open_is_still_replaced(tmp_path, monkeypatch):
+    import shutil
+
+    from XAIOverlayLib import cache as cache_module
+
+    source = tmp_path / "map.nrrd"
+    source.write_bytes(b"old")
+    cache = MapCache(tmp_path / "cache")
+    cache.put("k" * 40, source, {"label": "old"})
+    monkeypatch.setattr(cache_module.shutil, "rmtree", _held_open_rmtree(shutil.rmtree))
+    source.write_bytes(b"new")
+    stored = cache.put("k" * 40, source, {"label": "new"})
+    assert stored.path.read_bytes() == b"new" and cache.get("k" * 40).record == {"label": "new"}
+    monkeypatch.undo()  # the file is closed: the next put (its prune) clears what was renamed aside
+    cache.put("m" * 40, source, {"label": "m"})
+    assert not list((tmp_path / "cache").rglob(".*"))
+
+
+def test_a_swap_that_keeps_failing_keeps_the_complete_entry_and_a_brief_failure_is_retried(tmp_path, monkeypatch):
+    from XAIOverlayLib import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SWAP_PAUSE_S", 0.0, raising=False)
+    source = tmp_path / "map.nrrd"
+    source.write_bytes(b"first")
+    cache = MapCache(tmp_path / "cache")
+    cache.put("k" * 40, source, {"label": "first"})
+    real_replace, failures = os.replace, []
+
+    def replace(src, dst):
+        if len(failures) < limit:
+            failures.append(dst)
+            raise PermissionError(13, "Access is denied", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_module.os, "replace", replace)
+    limit = 100  # held for good: the same key is the same map, so the entry there is kept, not an error
+    kept = cache.put("k" * 40, source, {"label": "second"})
+    assert len(failures) == cache_module.SWAP_ATTEMPTS and kept.record == {"label": "first"}
+    assert cache.get("k" * 40).path.read_bytes() == b"first"
+    failures.clear()
+    limit = 2  # held for a moment (a virus scanner): the third try replaces the entry
+    source.write_bytes(b"third")
+    assert cache.put("k" * 40, source, {"label": "third"}).path.read_bytes() == b"third"
+    assert cache.get("k" * 40).record == {"label": "third"} and len(failures) == 2
+    assert not list((tmp_path / "cache").rglob(".*"))  # no staging folder left behind
+
+
 # --- keys that are never stale: the voxels and geometry as they are now, the engine, device and precision ---
 def _volume():
     array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)

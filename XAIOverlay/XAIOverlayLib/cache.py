@@ -17,16 +17,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 MAP_FILE = "map.nrrd"
 RECORD_FILE = "record.json"
+#: Replaced entries wait under this name until they can be removed (see :meth:`MapCache.put`).
+ASIDE_PREFIX = ".replaced-"
+#: Tries to swap a new entry in, and the pause before the n-th retry (n × this), for files held open on Windows.
+SWAP_ATTEMPTS = 5
+SWAP_PAUSE_S = 0.1
 
 
 def model_fingerprint(path: str | os.PathLike, options: dict | None = None) -> str:
@@ -122,20 +131,44 @@ class MapCache:
         return CachedMap(key, path, record)
 
     def put(self, key: str, volume_file: str | os.PathLike, record: dict) -> CachedMap:
-        """Store a copy of ``volume_file`` with its record; an existing entry is replaced."""
+        """Store a copy of ``volume_file`` with its record; an existing entry is replaced.
+
+        On Windows a file that another program holds open (a viewer, a virus scanner) cannot be removed or
+        renamed over: the old entry is renamed aside first (removed when possible, else by a later
+        :meth:`prune`) and the swap is retried a few times. If the entry still cannot be replaced, an
+        existing complete entry is kept (the same key: the same map) rather than failing the run."""
         folder = self.folder(key)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=folder.parent))
         try:
             shutil.copyfile(volume_file, staging / MAP_FILE)
             (staging / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
+            for attempt in range(SWAP_ATTEMPTS):
+                try:
+                    self._swap_in(staging, folder)
+                    break
+                except OSError as error:
+                    if attempt + 1 < SWAP_ATTEMPTS:
+                        time.sleep(SWAP_PAUSE_S * (attempt + 1))
+                        continue
+                    kept = self.get(key)
+                    if kept is None:
+                        raise
+                    log.warning("map cache: kept the existing entry %s (could not replace it: %s)", key, error)
+                    return kept
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.prune(keep=key)
         return CachedMap(key, folder / MAP_FILE, record)
+
+    @staticmethod
+    def _swap_in(staging: Path, folder: Path) -> None:
+        """Rename ``staging`` to ``folder``, an existing ``folder`` first renamed aside and removed if it can be."""
+        if folder.exists():
+            aside = Path(tempfile.mkdtemp(prefix=ASIDE_PREFIX, dir=folder.parent))
+            os.replace(folder, aside / folder.name)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(staging, folder)
 
     def prune(self, keep: str = "") -> None:
         """Remove least recently used entries until the cache holds at most ``max_bytes``."""
@@ -151,6 +184,8 @@ class MapCache:
             if folder.name != keep:
                 shutil.rmtree(folder, ignore_errors=True)
                 total -= size
+        for aside in self.root.glob(f"??/{ASIDE_PREFIX}*"):  # replaced entries that could not be removed then
+            shutil.rmtree(aside, ignore_errors=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

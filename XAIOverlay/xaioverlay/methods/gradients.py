@@ -3,8 +3,8 @@
 Both are model-agnostic (no hooks: they also run on TorchScript models) and signed. IG integrates the
 gradient along the straight path from a baseline ``b`` to the input ``x``:
 ``IG(x) = (x − b) ⊙ ∫₀¹ ∇T(b + α (x − b)) dα``, with Gauss–Legendre quadrature (as Captum's default),
-the path points run through the network in batches that follow free memory. Completeness, ``Σ IG = T(x) − T(b)``, is checked
-on every run and recorded.
+the path points run through the network in batches that follow free memory. Completeness,
+``Σ IG = T(x) − T(b)``, is checked on every run and recorded.
 """
 
 from __future__ import annotations
