@@ -52,8 +52,9 @@ def gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (nodes + 1) / 2, weights / 2
 
 
-#: Most path points per batch: on a CPU more gain nothing (one 96³ window of a UNet(16…256) took 1.24, 1.01
-#: and 1.36 s per point at 1, 2 and 4 points per batch, measured here); on a GPU, as many as memory allows.
+#: Most path points per batch: on a CPU more gain nothing (one 96³ window of a UNet(16…256), measured here:
+#: 2 output channels 1.24, 1.01, 1.36 s per point at 1, 2, 4 points; 105 channels 31 and 90 s at 1 and 2);
+#: on a GPU, as many as memory allows.
 MOST_PATH_POINTS = {"cpu": 4, "cuda": 64}
 #: A path point's memory over what autograd saves for its backward pass: the output and the backward
 #: pass's gradients come on top (peak resident memory over saved bytes, one 96³ window of a UNet(16…256)
