@@ -22,3 +22,32 @@ def test_nearest_cases_rank_by_cosine_not_by_length_and_never_return_the_case_it
 def test_nearest_cases_k_larger_than_the_cohort_gives_every_other_case():
     indices, _ = nearest_cases(np.eye(3), k=10)
     assert indices.shape == (3, 2) and all(i not in row for i, row in enumerate(indices.tolist()))
+
+
+def test_pooled_features_run_the_windows_without_building_the_whole_output(tmp_path, monkeypatch):
+    import torch
+
+    from conftest import SMALL_UNET, save_spec_model
+    from xaioverlay.cohort.similar import pooled_features
+    from xaioverlay.models import load_model
+    from xaioverlay.sliding import window_slices
+
+    spec = save_spec_model(tmp_path / "unet", SMALL_UNET, task="segmentation", class_names=["background", "tumour"],
+                           sliding_window={"roi_size": [16, 16, 16], "overlap": 0.25})
+    model = load_model(spec, device="cpu")
+    x = torch.randn((1, 1, 32, 28, 16), generator=torch.Generator().manual_seed(0))
+    layer = "model.1.submodule.0"  # a down-sampling stage: every window passes through it
+    expected = []
+    handle = model.network.get_submodule(layer).register_forward_hook(
+        lambda module, inputs, output: expected.append(output.flatten(2).mean(2)[0]))
+    with torch.no_grad():  # the 3 × 2 windows as the model's inferer places them, one at a time
+        for part in window_slices(x.shape[2:], (16, 16, 16), 0.25):
+            model.network(x[(slice(None), slice(None), *part)])
+    handle.remove()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole multi-channel output was built")
+
+    monkeypatch.setattr(model, "infer", refuse)
+    features = pooled_features(model, x, layer)
+    np.testing.assert_allclose(features, torch.stack(expected).mean(0).numpy(), rtol=1e-5, atol=1e-6)

@@ -42,8 +42,8 @@ def pooled_features(model: LoadedModel, x: torch.Tensor, layer: str) -> np.ndarr
 
     handle = find_module(model.network, layer).register_forward_hook(keep)
     try:
-        with torch.no_grad():
-            model.infer(x)
+        for _ in model.output_blocks(x):  # the hook sees every window; the output itself is not kept
+            pass
     finally:
         handle.remove()
     return torch.stack(sums).mean(0).numpy().astype(np.float32)
