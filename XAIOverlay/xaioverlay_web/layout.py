@@ -47,7 +47,7 @@ def build_layout(page: OverlayPage):
                     v3.VBtn("Cancel", click=server.controller.cancel, disabled=("!running",),
                             raw_attrs=[testid("cancel")])
                 v3.VProgressLinear(model_value=("progress_value",), height=6, color="primary")
-                html.Div("{{ progress_text }}", classes="text-body-2 mt-1", raw_attrs=[testid("progress")])
+                html.Div("{{ progress_text }}", classes="text-body-2 mt-1", raw_attrs=[testid("progress"), ':data-run="run"'])
                 html.Div("{{ status_line }}", classes="text-caption", raw_attrs=[testid("status")])
                 html.Div("{{ error }}", v_show="error", classes="text-caption text-error", raw_attrs=[testid("error")])
         with v3.VMain():

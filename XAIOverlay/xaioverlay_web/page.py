@@ -99,6 +99,7 @@ class OverlayPage:
         for method in self.methods:
             state[state_name(method)] = method in DEFAULT_METHODS
         state.progress_text = "ready"
+        state.run = 0  # runs started (the progress element's data-run: tests wait for the next one)
         state.progress_value = 0
         state.status_line = ""
         state.running = False
@@ -158,6 +159,7 @@ class OverlayPage:
         state.error = ""
         state.case_index = self.logic.browser.index
         state.progress_text = "preparing"
+        state.run += 1
         state.progress_value = 0
         state.running = True
         self.shown = None
