@@ -165,6 +165,26 @@ def test_next_case_shows_its_maps_and_previous_comes_from_the_cache(page, phanto
     check_views(page, made[0])
 
 
+def test_orientation_reslices_every_view_and_a_row_click_enlarges_its_view(page, phantoms):
+    axial = np.array(json.loads(page.get_by_test_id("view-gxi").get_attribute("data-xy-to-ras"))).reshape(4, 4)
+    assert abs(axial[1, 1]) > 0 and axial[2, 1] == 0  # screen up is anterior
+    page.get_by_test_id("orientation").click()
+    page.get_by_role("option", name="Coronal").click()
+    page.wait_for_function("() => [...document.querySelectorAll('[data-xy-to-ras]')].filter(e => e.dataset.xyToRas"
+                           " !== '[]').every(e => JSON.parse(e.dataset.xyToRas)[9] !== 0)", timeout=30_000)  # up: S
+    check_views(page, phantoms[0][0])  # each view resliced through the tumour, maps and anatomy in place
+    widths = {method: page.get_by_test_id(f"view-{method}").bounding_box()["width"] for method in METHODS}
+    rows = page.get_by_test_id("metrics-table").locator("tbody tr")
+    row = next(i for i in range(rows.count()) if rows.nth(i).locator("td").first.inner_text() == "LRP")
+    rows.nth(row).click()
+    page.wait_for_function("() => !document.querySelector('[data-testid=view-gxi]').checkVisibility()", timeout=10_000)
+    assert page.get_by_test_id("view-lrp").bounding_box()["width"] > 1.8 * widths["lrp"]
+    assert not page.get_by_test_id("view-gradcam").is_visible()
+    check_views(page, phantoms[0][0], ["lrp"])  # the enlarged view is rendered again at its new size
+    rows.nth(row).click()
+    page.get_by_test_id("view-gxi").wait_for(state="visible", timeout=10_000)
+
+
 def test_cancel_during_a_run_leaves_a_working_page(page, phantoms):
     tick(page, METHODS, ticked=False)
     tick(page, ["ig"])

@@ -2,12 +2,13 @@
 
 Side panel: case list (previous / next, the current case highlighted), model and target, method
 checkboxes, Explain and Cancel, progress. Main area: one compare view per method, threshold, opacity and
-orientation, the table (one row per method). Controls carry stable ``data-testid`` attributes for tests.
+orientation, the table (one row per method; clicking a row enlarges its view). Controls carry stable
+``data-testid`` attributes for tests.
 """
 
 from __future__ import annotations
 
-from .page import MAX_VIEWS, OverlayPage, state_name
+from .page import MAX_VIEWS, OverlayPage
 
 
 def testid(name: str) -> str:
@@ -31,18 +32,18 @@ def build_layout(page: OverlayPage):
                                  active=("index === case_index",), color="primary",
                                  raw_attrs=[':data-testid="\'case-\' + index"'])
                 with html.Div(classes="d-flex mb-3"):
-                    v3.VBtn("Previous", click=server.controller.previous_case, size="small", classes="mr-2",
+                    v3.VBtn("Previous", click=(server.controller.previous_case, "[chosen, target]"), size="small", classes="mr-2",
                             disabled=("running || case_index === 0",), raw_attrs=[testid("case-previous")])
-                    v3.VBtn("Next", click=server.controller.next_case, size="small",
+                    v3.VBtn("Next", click=(server.controller.next_case, "[chosen, target]"), size="small",
                             disabled=("running || case_index >= cases.length - 1",), raw_attrs=[testid("case-next")])
                 v3.VSelect(label="Target", v_model=("target",), items=("classes",), density="compact",
                            raw_attrs=[testid("target")])
                 html.Div("Methods", classes="text-subtitle-2")
                 for method in page.methods:
-                    v3.VCheckbox(label=method, v_model=(state_name(method),), density="compact", hide_details=True,
+                    v3.VCheckbox(label=method, v_model=("chosen",), value=method, density="compact", hide_details=True,
                                  raw_attrs=[testid(f"method-{method}")])
                 with html.Div(classes="d-flex my-3"):
-                    v3.VBtn("Explain", click=server.controller.explain, color="primary", classes="mr-2",
+                    v3.VBtn("Explain", click=(server.controller.explain, "[chosen, target]"), color="primary", classes="mr-2",
                             disabled=("running",), raw_attrs=[testid("explain")])
                     v3.VBtn("Cancel", click=server.controller.cancel, disabled=("!running",),
                             raw_attrs=[testid("cancel")])
@@ -64,17 +65,21 @@ def build_layout(page: OverlayPage):
                                    density="compact", hide_details=True, raw_attrs=[testid("orientation")])
                 with v3.VRow(dense=True):
                     for index in range(MAX_VIEWS):
-                        with v3.VCol(cols=6, v_show=f"slots[{index}]"):
+                        mine = f"enlarged === slots[{index}]"
+                        with v3.VCol(cols=(f"{mine} ? 12 : 6",), v_show=f"slots[{index}] && (!enlarged || {mine})"):
                             html.Div(f"{{{{ slot_labels[{index}] }}}}", classes="text-subtitle-2")
-                            with html.Div(style="height: 320px; position: relative;",
+                            with html.Div(style=(f"{{height: ({mine} ? 640 : 320) + 'px', position: 'relative'}}",),
                                           raw_attrs=[f':data-testid="\'view-\' + slots[{index}]"',
                                                      f':data-xy-to-ras="slot_geometry[{index}]"']):
                                 client.ServerTemplate(name=page.view_template(index))
-                with v3.VTable(density="compact", raw_attrs=[testid("metrics-table")]):
+                html.Div("Click a row to enlarge its view; click it again to compare all.", classes="text-caption")
+                with v3.VTable(density="compact", hover=True, raw_attrs=[testid("metrics-table")]):
                     with html.Thead():
                         with html.Tr():
                             html.Th("{{ column }}", v_for="column in metrics_columns", key="column")
                     with html.Tbody():
-                        with html.Tr(v_for="(row, index) in metrics_rows", key="index"):
+                        with html.Tr(v_for="(row, index) in metrics_rows", key="index", style="cursor: pointer",
+                                     click="enlarged = enlarged === slots[index] ? '' : slots[index]",
+                                     classes=("enlarged === slots[index] ? 'bg-blue-lighten-5' : ''",)):
                             html.Td("{{ cell }}", v_for="(cell, column) in row", key="column")
     return layout

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,12 +28,7 @@ log = logging.getLogger(__name__)
 MAX_VIEWS = 4
 #: Methods ticked when the page opens (those the model allows).
 DEFAULT_METHODS = ("gradcam",)
-TICK_S = 0.1
-
-
-def state_name(method: str) -> str:
-    """A method's checkbox state variable: ``gradcam`` → ``method_gradcam``."""
-    return "method_" + re.sub(r"\W", "_", method)
+TICK_S = 0.05
 
 
 def xy_to_ras(view) -> list[float]:
@@ -96,8 +90,7 @@ class OverlayPage:
         state.classes = [str(name) for name in names]
         state.target = next((str(name) for name in names if str(name).lower() not in ("background", "no tumour")), "")
         state.methods = self.methods
-        for method in self.methods:
-            state[state_name(method)] = method in DEFAULT_METHODS
+        state.chosen = [method for method in self.methods if method in DEFAULT_METHODS]  # the ticked methods
         state.progress_text = "ready"
         state.run = 0  # runs started (the progress element's data-run: tests wait for the next one)
         state.progress_value = 0
@@ -107,6 +100,7 @@ class OverlayPage:
         state.slots = [""] * MAX_VIEWS
         state.slot_labels = [""] * MAX_VIEWS
         state.slot_geometry = ["[]"] * MAX_VIEWS
+        state.enlarged = ""  # the method whose view fills the compare area ("": all side by side)
         state.metrics_columns = []
         state.metrics_rows = []
         state.percentile = self.logic.percentile
@@ -118,44 +112,46 @@ class OverlayPage:
         controller, state = self.server.controller, self.server.state
         controller.explain = self.explain
         controller.cancel = self.cancel
-        controller.next_case = lambda: self.open_case(+1)
-        controller.previous_case = lambda: self.open_case(-1)
+        controller.next_case = lambda chosen, target: self.open_case(+1, chosen, target)
+        controller.previous_case = lambda chosen, target: self.open_case(-1, chosen, target)
         state.change("percentile")(lambda percentile, **_: self.logic.set_percentile(percentile, coalesce=True))
         state.change("opacity")(lambda opacity, **_: self._set_opacity(opacity))
         state.change("orientation")(lambda orientation, **_: self._set_orientation(orientation))
         controller.on_server_ready.add(lambda **_: asyncio.ensure_future(self._tick()))
 
     # --- actions -----------------------------------------------------------------------------------
-    def chosen_methods(self) -> list[str]:
-        return [method for method in self.methods if self.server.state[state_name(method)]]
-
-    def template(self) -> ExplainRequest:
-        methods = self.chosen_methods()
+    def template(self, chosen: list[str], target: str) -> ExplainRequest:
+        """The request for ``chosen`` methods (in the page's order) and ``target``, as the clicked button sent them
+        (not read back from the state: a checkbox ticked just before the click may not have reached the server)."""
+        methods = [method for method in self.methods if method in chosen]
         if not methods:
             raise ValueError("no method chosen; tick at least one method")
         if len(methods) > MAX_VIEWS:
             raise ValueError(f"{len(methods)} methods chosen; the page compares at most {MAX_VIEWS} at once")
-        return ExplainRequest([], self.model, methods, TargetChoice(key=self.server.state.target or ""))
+        return ExplainRequest([], self.model, methods, TargetChoice(key=target or ""))
 
-    def explain(self) -> None:
-        self._start(0)
+    def explain(self, chosen: list[str], target: str) -> None:
+        self._start(0, chosen, target)
 
-    def open_case(self, step: int) -> None:
-        self._start(step)
+    def open_case(self, step: int, chosen: list[str], target: str) -> None:
+        self._start(step, chosen, target)
 
-    def _start(self, step: int) -> None:
+    def _start(self, step: int, chosen: list[str], target: str) -> None:
         state = self.server.state
+        self.clicked = time.monotonic()
         try:
-            template = self.template()
+            template = self.template(chosen, target)
             if self.job is not None and not self.job.finished and step == 0:
                 self.logic.cancel(self.job)
             if step:
                 self._clear_views()
+            if step:  # the case left stays loaded while it is a neighbour (:meth:`_release_far_cases`)
+                self.logic.pin(case_list.load_case(self.app.scene, self.logic.browser.current))
             _, self.job = self.logic.open_case(step, template)
         except ValueError as error:
             state.error = str(error)
             return
-        self.clicked = time.monotonic()
+        log.info("case opened in %.2f s", time.monotonic() - self.clicked)
         state.error = ""
         state.case_index = self.logic.browser.index
         state.progress_text = "preparing"
@@ -208,9 +204,22 @@ class OverlayPage:
             self._show(job)
             state.progress_text = "done"
             log.info("%s shown %.2f s after the click", job.methods, time.monotonic() - self.clicked)
+            self._release_far_cases()
         else:
             state.progress_text = job.state
             state.error = job.error
+
+    def _release_far_cases(self) -> None:
+        """Keep the current case and its neighbours loaded (going back shows their maps without reading them
+        again); release the others, after the current case is shown."""
+        browser = self.logic.browser
+        for index, case in enumerate(browser.cases):
+            volume = self.app.scene.GetNodeByID(case.node_id) if case.node_id else None
+            if volume is None or abs(index - browser.index) <= 1:
+                continue
+            self.logic.pin(volume, False)
+            case_list.release_case(self.app.scene, volume)
+            case.node_id = None
 
     def _show(self, job: Job) -> None:
         state = self.server.state
@@ -223,6 +232,7 @@ class OverlayPage:
         state.metrics_rows = [[cell if not isinstance(cell, float) else f"{cell:.4g}" for cell in row] for row in rows]
         specs = [spec for spec in job.methods if spec in job.maps]
         state.slots = specs + [""] * (MAX_VIEWS - len(specs))
+        state.enlarged = ""
         labels = [nodes.attribute(node, "label") or nodes.attribute(node, "spec") for node in maps]
         state.slot_labels = labels + [""] * (MAX_VIEWS - len(labels))
         self._fit()
