@@ -108,7 +108,8 @@ def run_and_wait(page, button: str, timeout_ms: int = DONE_TIMEOUT_MS, outcome: 
         " return Number(p.dataset.run) > before && ['done', 'failed', 'cancelled'].includes(p.textContent.trim()); }",
         arg=before, timeout=timeout_ms, polling=20)
     elapsed = time.monotonic() - start
-    assert progress.inner_text().strip() == outcome, f"{progress.inner_text()}: {page.get_by_test_id('error').inner_text()}"
+    error = page.get_by_test_id("error").inner_text()
+    assert progress.inner_text().strip() == outcome, f"{progress.inner_text()}: {error}"
     return elapsed
 
 
@@ -148,10 +149,14 @@ def test_explain_three_methods_shows_maps_over_the_tumour(page, phantoms):
     check_views(page, phantoms[0][0])
     rows = page.get_by_test_id("metrics-table").locator("tbody tr")
     assert rows.count() == 3
-    assert sorted(rows.nth(i).locator("td").first.inner_text() for i in range(3)) == ["Grad-CAM", "Gradient × input", "LRP"]
+    labels = sorted(rows.nth(i).locator("td").first.inner_text() for i in range(3))
+    assert labels == ["Grad-CAM", "Gradient × input", "LRP"]
     folder = os.environ.get("XAIOVERLAY_SCREENSHOTS")
-    if folder:  # README's picture (make docs: XAIOVERLAY_SCREENSHOTS=Docs/screenshots)
-        page.screenshot(path=str(Path(folder) / "browser.png"))
+    if folder:  # the README's picture: XAIOVERLAY_SCREENSHOTS=Docs/screenshots pytest Testing/web
+        from PIL import Image
+
+        shot = Image.open(io.BytesIO(page.screenshot(clip={"x": 0, "y": 0, "width": 1400, "height": 920})))
+        shot.convert("RGB").quantize(256).save(Path(folder) / "browser.png", optimize=True)
 
 
 def test_next_case_shows_its_maps_and_previous_comes_from_the_cache(page, phantoms):

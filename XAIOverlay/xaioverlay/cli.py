@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     demo.set_defaults(run=run_demo)
 
-    serve = commands.add_parser("serve", help="the Slicer module's workflow as a web page (trame-slicer; needs the web extra)")
+    serve = commands.add_parser("serve", help="the Slicer module's workflow as a web page (trame-slicer; web extra)")
     serve.set_defaults(run=run_serve)
     try:
         from xaioverlay_web.serve import add_serve_arguments
@@ -301,7 +301,8 @@ def run_serve(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     except ImportError as error:
         from .errors import InputError
 
-        raise InputError(f"the browser page is not installed ({error}); install it: pip install 'xaioverlay[web]'") from error
+        raise InputError(f"the browser page is not installed ({error}); "
+                         "install it: pip install 'xaioverlay[web]'") from error
     return serve(args, printer)
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 from .page import MAX_VIEWS, OverlayPage
 
 
+#: What Explain, Next and Previous send with the click: the ticked methods and the target.
+CHOICE = "[chosen, target]"
+
+
 def testid(name: str) -> str:
     return f'data-testid="{name}"'
 
@@ -32,9 +36,9 @@ def build_layout(page: OverlayPage):
                                  active=("index === case_index",), color="primary",
                                  raw_attrs=[':data-testid="\'case-\' + index"'])
                 with html.Div(classes="d-flex mb-3"):
-                    v3.VBtn("Previous", click=(server.controller.previous_case, "[chosen, target]"), size="small", classes="mr-2",
+                    v3.VBtn("Previous", click=(server.controller.previous_case, CHOICE), size="small", classes="mr-2",
                             disabled=("running || case_index === 0",), raw_attrs=[testid("case-previous")])
-                    v3.VBtn("Next", click=(server.controller.next_case, "[chosen, target]"), size="small",
+                    v3.VBtn("Next", click=(server.controller.next_case, CHOICE), size="small",
                             disabled=("running || case_index >= cases.length - 1",), raw_attrs=[testid("case-next")])
                 v3.VSelect(label="Target", v_model=("target",), items=("classes",), density="compact",
                            raw_attrs=[testid("target")])
@@ -43,12 +47,13 @@ def build_layout(page: OverlayPage):
                     v3.VCheckbox(label=method, v_model=("chosen",), value=method, density="compact", hide_details=True,
                                  raw_attrs=[testid(f"method-{method}")])
                 with html.Div(classes="d-flex my-3"):
-                    v3.VBtn("Explain", click=(server.controller.explain, "[chosen, target]"), color="primary", classes="mr-2",
+                    v3.VBtn("Explain", click=(server.controller.explain, CHOICE), color="primary", classes="mr-2",
                             disabled=("running",), raw_attrs=[testid("explain")])
                     v3.VBtn("Cancel", click=server.controller.cancel, disabled=("!running",),
                             raw_attrs=[testid("cancel")])
                 v3.VProgressLinear(model_value=("progress_value",), height=6, color="primary")
-                html.Div("{{ progress_text }}", classes="text-body-2 mt-1", raw_attrs=[testid("progress"), ':data-run="run"'])
+                html.Div("{{ progress_text }}", classes="text-body-2 mt-1",
+                         raw_attrs=[testid("progress"), ':data-run="run"'])
                 html.Div("{{ status_line }}", classes="text-caption", raw_attrs=[testid("status")])
                 html.Div("{{ error }}", v_show="error", classes="text-caption text-error", raw_attrs=[testid("error")])
         with v3.VMain():

@@ -253,7 +253,8 @@ class OverlayPage:
         self._publish_geometry()
 
     def _publish_geometry(self) -> None:
-        geometry = [json.dumps(xy_to_ras(view)) if slot else "[]" for view, slot in zip(self.views, self.server.state.slots)]
+        slots = self.server.state.slots
+        geometry = [json.dumps(xy_to_ras(view)) if slot else "[]" for view, slot in zip(self.views, slots)]
         if geometry != self.server.state.slot_geometry:
             self.server.state.slot_geometry = geometry
 

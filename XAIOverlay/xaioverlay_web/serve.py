@@ -18,13 +18,16 @@ log = logging.getLogger(__name__)
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", metavar="DIR_OR_MANIFEST",
                         help="a folder of volumes or a CSV manifest (as for `cohort`); default: two demo phantoms")
-    parser.add_argument("--model", help="model path (bundle, nnU-Net folder, spec, TorchScript); default: the demo segmenter")
+    parser.add_argument("--model", help="model path (bundle, nnU-Net folder, spec, TorchScript); "
+                                        "default: the demo segmenter")
     parser.add_argument("--cohort", metavar="DIR", help="a cohort's output folder (not supported yet)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; the token is always required)")
+                        help="address to listen on (default 127.0.0.1: this machine only); the token is always "
+                             "required")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--cache", metavar="DIR", help="map cache folder (default: XAIOverlay-cache in the temp folder)")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="map cache folder (default: XAIOverlay-cache in the temp folder)")
 
 
 def page_cases(source: str | None, folder: Path) -> list:
@@ -36,8 +39,8 @@ def page_cases(source: str | None, folder: Path) -> list:
         from xaioverlay.phantoms import make_phantom
         from xaioverlay.volumes import write_volume
 
-        return [Case(f"phantom_{n}", path=write_volume(make_phantom(DEMO_SEED + n).image, folder / f"phantom_{n}.nrrd"))
-                for n in range(2)]
+        files = [write_volume(make_phantom(DEMO_SEED + n).image, folder / f"phantom_{n}.nrrd") for n in range(2)]
+        return [Case(f"phantom_{n}", path=path) for n, path in enumerate(files)]
     from xaioverlay.cohort.manifest import read_cases
 
     cases = read_cases(source)
@@ -80,7 +83,8 @@ def run_serve(args: argparse.Namespace, printer=None) -> int:
         from trame_slicer.core import SlicerApp
         from trame_slicer.rca_view import RemoteSliceViewFactory
     except ImportError as error:
-        raise InputError(f"the browser page needs trame-slicer ({error}); install it: pip install 'xaioverlay[web]'") from error
+        raise InputError(f"the browser page needs trame-slicer ({error}); "
+                         "install it: pip install 'xaioverlay[web]'") from error
     from XAIOverlayLib.logic import OverlayLogic
 
     from .access import new_token, protect
@@ -91,6 +95,10 @@ def run_serve(args: argparse.Namespace, printer=None) -> int:
     cases = page_cases(args.cases, workdir)
     server = get_server("xaioverlay", client_type="vue3")
     server.enable_module(trame_slicer_module)
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # VTK's deprecation warnings are not the user's to act on
+        from vtkmodules.vtkCommonCore import vtkObject
+
+        vtkObject.GlobalWarningDisplayOff()
     app = SlicerApp()
     app.scene.AddNode(vtkMRMLInteractionNode())
     app.view_manager.register_factory(RemoteSliceViewFactory(server))
