@@ -72,9 +72,16 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def page(browser, served):
+def requested() -> list[str]:
+    """Every URL the page has requested so far."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def page(browser, served, requested):
     """One page for the whole workflow (cases explained earlier stay in the server's cache)."""
     tab = browser.new_page(viewport={"width": 1400, "height": 1000}, device_scale_factor=1)
+    tab.on("request", lambda request: requested.append(request.url))
     tab.goto(served)
     tab.get_by_test_id("explain").wait_for(timeout=60_000)
     yield tab

@@ -204,3 +204,9 @@ def test_cancel_during_a_run_leaves_a_working_page(page, phantoms):
     tick(page, ["hirescam"])
     run_and_wait(page, "explain")
     check_views(page, phantoms[0][0], ["hirescam"])
+
+
+def test_the_page_loads_nothing_from_another_host(page, served, requested):
+    origin = served.split("/?")[0]
+    assert len(requested) > 5  # the page, its scripts and styles, the websocket's images
+    assert [url for url in requested if not url.startswith((origin + "/", "data:", "blob:"))] == []
