@@ -42,10 +42,12 @@ def served(phantoms, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("serve") / "stderr.txt", "w+", encoding="utf-8")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put("")], daemon=True).start()
     try:
-        url = lines.get(timeout=180).strip()
+        url = lines.get(timeout=180).strip()  # "": the process ended first
     except queue.Empty:
+        url = ""
+    if not url:
         process.kill()
         log.seek(0)
         pytest.fail(f"xaioverlay serve printed no address within 180 s; stderr:\n{log.read()[-3000:]}")
