@@ -206,6 +206,19 @@ def test_cancel_during_a_run_leaves_a_working_page(page, phantoms):
     check_views(page, phantoms[0][0], ["hirescam"])
 
 
+def test_a_lower_threshold_shows_more_of_the_map(page):
+    def overlay_pixels() -> int:
+        return int(coloured(view_pixels(page, "hirescam")[0]).sum())
+
+    before = overlay_pixels()
+    page.get_by_test_id("threshold").get_by_role("slider").focus()
+    page.keyboard.press("Home")  # the 50th percentile
+    deadline = time.monotonic() + 10
+    while (after := overlay_pixels()) < 1.3 * before and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert after >= 1.3 * before, (before, after)
+
+
 def test_the_page_loads_nothing_from_another_host(page, served, requested):
     origin = served.split("/?")[0]
     assert len(requested) > 5  # the page, its scripts and styles, the websocket's images

@@ -235,7 +235,7 @@ class OverlayPage:
         state.enlarged = ""
         labels = [nodes.attribute(node, "label") or nodes.attribute(node, "spec") for node in maps]
         state.slot_labels = labels + [""] * (MAX_VIEWS - len(labels))
-        self._fit()
+        self._render()  # show_compare fitted the views and centred them on the first map's peak
 
     def _fit(self) -> None:
         """Fit the views to the anatomy, then centre them on the first map's peak (as the module does)."""
