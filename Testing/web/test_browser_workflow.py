@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # about two minutes in all on two shared cores; still part of `make test`
+
 METHODS = ("gradcam", "gxi", "lrp")
 DONE_TIMEOUT_MS = 240_000
 
