@@ -14,8 +14,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import replace
-from pathlib import Path
 
 from XAIOverlayLib import cases as case_list
 from XAIOverlayLib import compare, nodes
