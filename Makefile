@@ -34,7 +34,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# the report rendering test needs a headless Chromium (installed here when missing)
+# the report rendering test and the browser tests (Testing/web) need a headless Chromium (installed here when missing)
 .PHONY: browser
 test: browser
 browser:

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Make sure a headless Chromium is present for the report rendering test (Testing/metrics).
+# Make sure a headless Chromium is present for the report rendering test (Testing/metrics) and the browser tests
+# of `xaioverlay serve` (Testing/web, driven through the playwright package, which never downloads a browser here).
 # Installs Debian/Ubuntu's chromium with apt-get when missing (as root, or through password-less sudo).
 # Never fails the build itself: if Chromium cannot be installed, the rendering test fails and says why.
 set -u

@@ -163,7 +163,8 @@ def test_what_is_installed_is_exactly_what_the_code_imports_and_slicer_lacks():
     slicer_ships = {"slicer", "qt", "ctk", "vtk", "numpy"}
     optional = {"PyTorchUtils"}  # the PyTorch extension, used when present
     # montage and report of the CLI, and `xaioverlay cohort` (the `cohort` extra); never imported on the module's path
-    command_line_only = {"matplotlib", "distributed", "pyarrow"}
+    command_line_only = {"matplotlib", "distributed", "pyarrow",
+                         "xaioverlay_web"}  # `xaioverlay serve`'s page (the `web` extra: trame-slicer)
     # nnU-Net folders only, imported when one is loaded; a missing one is named in one line (README, nnU-Net)
     nnunet_only = {"dynamic_network_architectures", "scipy", "skimage"}
     imported = third_party_imports()

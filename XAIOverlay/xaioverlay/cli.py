@@ -182,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     demo.set_defaults(run=run_demo)
+
+    serve = commands.add_parser("serve", help="the Slicer module's workflow as a web page (trame-slicer; web extra)")
+    serve.set_defaults(run=run_serve)
+    try:
+        from xaioverlay_web.serve import add_serve_arguments
+    except ImportError:  # the page's package is not installed: `serve` says so when run
+        return parser
+    add_serve_arguments(serve)
     return parser
 
 
@@ -285,6 +293,17 @@ def run_demo(args: argparse.Namespace, printer: ProgressPrinter) -> int:
         for role, place in places.items():
             print(f"  {role:<11} {place}")
     return 0
+
+
+def run_serve(args: argparse.Namespace, printer: ProgressPrinter) -> int:
+    try:
+        from xaioverlay_web.serve import run_serve as serve
+    except ImportError as error:
+        from .errors import InputError
+
+        raise InputError(f"the browser page is not installed ({error}); "
+                         "install it: pip install 'xaioverlay[web]'") from error
+    return serve(args, printer)
 
 
 def main(argv: list[str] | None = None) -> int:
