@@ -175,6 +175,7 @@ def test_what_is_installed_is_exactly_what_the_code_imports_and_slicer_lacks():
 def test_a_torch_pip_does_not_know_is_not_risked():
     plan = dependencies.plan_install(installed("torch", "SimpleITK", "psutil"))
     recorder = Recorder()
-    with pytest.raises(dependencies.DependencyError, match="no package metadata.*monai>=1.3, PyYAML>=6, scikit-image>=0.22 yourself"):
+    with pytest.raises(dependencies.DependencyError,
+                       match="no package metadata.*monai>=1.3, PyYAML>=6, scikit-image>=0.22 yourself"):
         run_install(plan, recorder, versions=versions(numpy="2.1.3"))
     assert recorder.calls == []

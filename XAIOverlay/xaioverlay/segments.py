@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .methods.occlusion.options import Lengths, parse_lengths
 from .models.base import ModelInput
 from .volumes import read_volume, resample_array
 
@@ -48,7 +47,7 @@ class SegmentSpec:
     """What segments to make: ``kind`` and its one parameter (``size``, ``count`` or ``path``)."""
 
     kind: str
-    size: Lengths | None = None
+    size: "Lengths | None" = None  # xaioverlay.methods.occlusion.options.Lengths
     count: int | None = None
     compactness: float = DEFAULT_COMPACTNESS
     path: str | None = None
@@ -72,6 +71,9 @@ def parse_segments(text: str) -> SegmentSpec:
     if kind == "labels":
         return SegmentSpec("labels", path=rest)
     if kind == "cubes":
+        # imported here: methods build on this module, so it must not import the methods package when loaded
+        from .methods.occlusion.options import parse_lengths
+
         return SegmentSpec("cubes", size=parse_lengths(rest, f"segments {text}", USAGE))
     count_text, *options = [part.strip() for part in rest.split(",")]
     if not re.fullmatch(r"\d+", count_text) or int(count_text) < 2:
