@@ -10,8 +10,8 @@ Specs (CLI ``--segments``):
   the image's own units, so one compactness would mean different things for CT in Hounsfield units
   (a span of ~2,000) and for z-scored MRI (a span of a few units). Each channel is therefore first
   scaled so that its 1st–99th percentile span is 1, and the default ``compactness=0.1`` then means the
-  same for CT and MRI: supervoxels follow intensity edges about as strongly as a tenth of the
-  volume's contrast range. Raise it (e.g. 1) for nearly cubic supervoxels, lower it (0.01) for ones
+  same for CT and MRI: a distance of one supervoxel spacing weighs as much as an intensity difference of
+  a tenth of the volume's contrast span. Raise it (e.g. 1) for nearly cubic supervoxels, lower it (0.01) for ones
   that hug edges (noisy CT: prefer raising it, or edges of noise are followed).
 - ``labels:PATH`` — a label volume (any format SimpleITK reads: NIfTI, NRRD, a Slicer segmentation
   exported as a labelmap, a TotalSegmentator output): one segment per label value present, label 0
