@@ -10,11 +10,11 @@ from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method
+from ..masking import BoxMasks, MaskedScorer, SegmentScorer, Speedups, segment_boxes
 from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .options import Lengths, OccluderOptions, parse_occlusion
-from ..masking import BoxMasks, MaskedScorer, SegmentScorer, Speedups, segment_boxes
 
 
 def run_record(scorer: MaskedScorer) -> dict:
