@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAP_FILE = "map.nrrd"
 RECORD_FILE = "record.json"
+SEGMENTS_FILE = "segments.nrrd"  # the segments a perturbation map was computed over, when it used some
 #: Replaced entries wait under this name until they can be removed (see :meth:`MapCache.put`).
 ASIDE_PREFIX = ".replaced-"
 #: Tries to swap a new entry in, and the pause before the n-th retry (n × this), for files held open on Windows.
@@ -106,6 +107,12 @@ class CachedMap:
     path: Path
     record: dict
 
+    @property
+    def segments(self) -> Path | None:
+        """The label volume of the segments the map was computed over, or None."""
+        path = self.path.with_name(SEGMENTS_FILE)
+        return path if path.is_file() else None
+
 
 class MapCache:
     """The on-disk cache; ``root`` is created on first use. Beyond ``max_bytes`` the least recently
@@ -130,8 +137,10 @@ class MapCache:
         os.utime(folder)  # recently used
         return CachedMap(key, path, record)
 
-    def put(self, key: str, volume_file: str | os.PathLike, record: dict) -> CachedMap:
-        """Store a copy of ``volume_file`` with its record; an existing entry is replaced.
+    def put(self, key: str, volume_file: str | os.PathLike, record: dict,
+            segments_file: str | os.PathLike | None = None) -> CachedMap:
+        """Store a copy of ``volume_file`` (and of its ``segments_file``) with its record; an existing entry
+        is replaced.
 
         On Windows a file that another program holds open (a viewer, a virus scanner) cannot be removed or
         renamed over: the old entry is renamed aside first (removed when possible, else by a later
@@ -142,6 +151,8 @@ class MapCache:
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=folder.parent))
         try:
             shutil.copyfile(volume_file, staging / MAP_FILE)
+            if segments_file is not None:
+                shutil.copyfile(segments_file, staging / SEGMENTS_FILE)
             (staging / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             for attempt in range(SWAP_ATTEMPTS):
                 try:
