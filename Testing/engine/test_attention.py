@@ -275,7 +275,8 @@ def test_swin_window_rollout_peaks_at_the_token_every_window_attends_to_and_foll
 def test_swin_window_rollout_is_available_and_runs_on_a_stock_swin_unetr_spec(tmp_path):
     from test_transformers import SMALL_SWINUNETR
 
-    spec = save_spec_model(tmp_path / "swin", SMALL_SWINUNETR, task="segmentation", class_names=["background", "tumour"])
+    spec = save_spec_model(tmp_path / "swin", SMALL_SWINUNETR, task="segmentation",
+                           class_names=["background", "tumour"])
     model = load_model(spec, device="cpu")
     assert Attention.unavailable(model) is None
     attribution = build_method("attention").attribute(model, torch.randn(1, 1, 64, 64, 64), CLASS_1)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
+from ..layers import patch_size
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
@@ -136,19 +137,10 @@ def tokens_to_voxels(scores: torch.Tensor, patch: tuple[int, int, int], shape: t
     return F.pad(values, pads)
 
 
-def patch_size(network: torch.nn.Module) -> tuple[int, int, int]:
-    """The patch size of MONAI's ``PatchEmbeddingBlock`` (convolution or perceptron projection)."""
-    blocks = [m for m in network.modules() if _type_name(m) == "PatchEmbeddingBlock"]
-    if len(blocks) != 1:
-        raise ModelError(f"attention rollout needs one PatchEmbeddingBlock; this network has {len(blocks)}")
-    embedding = blocks[0].patch_embeddings
-    if isinstance(embedding, torch.nn.Conv3d):
-        return tuple(int(k) for k in embedding.kernel_size)
-    lengths = dict(getattr(embedding[0], "axes_lengths", {}))  # perceptron: einops Rearrange with p1, p2, p3
-    return tuple(int(lengths[f"p{axis}"]) for axis in (1, 2, 3))
+Grid = tuple[int, int, int]
 
 
-def window_token_index(grid: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int]) -> torch.Tensor:
+def window_token_index(grid: Grid, window: Grid, shift: Grid) -> torch.Tensor:
     """Which grid token sits at each place of each window of a Swin block, as MONAI's block arranges them
     (pad to whole windows at the end of each axis, roll by −shift, ``window_partition``).
 
@@ -187,7 +179,7 @@ def carry_through_windows(scores: torch.Tensor, attention: torch.Tensor, index: 
     return result.index_put_((index[real.bool()],), carried[real.bool()], accumulate=True)
 
 
-def spread_to_children(scores: torch.Tensor, parent: tuple[int, int, int], child: tuple[int, int, int]) -> torch.Tensor:
+def spread_to_children(scores: torch.Tensor, parent: Grid, child: Grid) -> torch.Tensor:
     """Backwards through a patch merging: each parent token's score shared equally by its 2×2×2 children
     (fewer at an odd edge). (Π parent,) → (Π child,)."""
     ones = F.pad(torch.ones(1, 1, *child, dtype=scores.dtype), [p for s in reversed(child) for p in (0, s % 2)])
@@ -198,7 +190,7 @@ def spread_to_children(scores: torch.Tensor, parent: tuple[int, int, int], child
     return values[: child[0], : child[1], : child[2]].reshape(-1)
 
 
-def window_rollout(blocks: list[dict], deepest: tuple[int, int, int]) -> torch.Tensor:
+def window_rollout(blocks: list[dict], deepest: Grid) -> torch.Tensor:
     """Per-window rollout of a Swin transformer (see the module docstring): the mean row of
     Π_blocks normalise(Ā_l + I), with the patch mergings between stages, as scores over the first stage's
     tokens.

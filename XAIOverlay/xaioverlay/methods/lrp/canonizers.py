@@ -72,8 +72,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ModelError
-from .affine import (DENSE, LINEAR_LAYERS, NORMS, TRANSPOSED_CONVOLUTIONS, Affine, channel_view, layer_norm_scale_shift,
-                     norm_scale_shift)
+from .affine import (DENSE, LINEAR_LAYERS, NORMS, TRANSPOSED_CONVOLUTIONS, Affine, channel_view,
+                     layer_norm_scale_shift, norm_scale_shift)
 from .composites import Composite
 
 #: Layers whose plain gradient is the right propagation: positively homogeneous element-wise maps
@@ -347,7 +347,8 @@ class _Session:
     def norm_forward(self, module: nn.Module, original: Callable) -> Callable:
         def forward(v: torch.Tensor) -> torch.Tensor:
             if isinstance(module, nn.LayerNorm):  # per token, over the channels: never folded
-                scale, shift = layer_norm_scale_shift(v, module.normalized_shape, module.weight, module.bias, module.eps)
+                scale, shift = layer_norm_scale_shift(v, module.normalized_shape, module.weight, module.bias,
+                                                      module.eps)
                 return self.elementwise_norm(v, scale.to(v.dtype), shift.to(v.dtype), original)
             scale, shift = norm_scale_shift(module, v)
             scale, shift = channel_view(scale, v.ndim), channel_view(shift, v.ndim)
@@ -372,7 +373,8 @@ class _Session:
 
         return forward
 
-    def elementwise_norm(self, v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, run: Callable) -> torch.Tensor:
+    def elementwise_norm(self, v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                         run: Callable) -> torch.Tensor:
         """A normalisation on its own, ``scale ⊙ v + shift`` (statistics detached), with the ``norm`` rule."""
         is_input = v is self.input
 
@@ -387,8 +389,11 @@ class _Session:
 
     def layer_norm(self, v: torch.Tensor, shape: tuple[int, ...], eps: float = 1e-5) -> torch.Tensor:
         """``F.layer_norm(v, shape)`` (no affine parameters) with the ``norm`` rule, as for ``nn.LayerNorm``."""
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(inputs, shape, eps=eps)
+
         scale, shift = layer_norm_scale_shift(v, shape, None, None, eps)
-        return self.elementwise_norm(v, scale.to(v.dtype), shift.to(v.dtype), lambda x: F.layer_norm(x, shape, eps=eps))
+        return self.elementwise_norm(v, scale.to(v.dtype), shift.to(v.dtype), run)
 
     def activation_forward(self, module: nn.Module, original: Callable) -> Callable:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -453,7 +458,8 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
             if kind == "norm":
                 override(module, "forward", session.norm_forward(module, original))
             elif kind == "activation":
-                if getattr(module, "inplace", False) is True:  # VNet's ELU: a rule's layer must not overwrite its input
+                # VNet's in-place ELU: a layer with a rule must not overwrite its input
+                if getattr(module, "inplace", False) is True:
                     override(module, "inplace", False)
                 override(module, "forward", session.activation_forward(module, original))
             else:
