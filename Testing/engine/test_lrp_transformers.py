@@ -12,6 +12,7 @@ from monai.networks.blocks import SABlock
 from torch import nn
 
 from test_lrp import assert_untouched, loaded, snapshot
+from xaioverlay.errors import ModelError
 from xaioverlay.methods.lrp import COMPOSITES, LRP, Composite, Epsilon, lrp
 from xaioverlay.methods.lrp.canonizers import ATTENTION_RULE
 from xaioverlay.targets import Target
@@ -67,6 +68,19 @@ def test_attention_rule_sends_relevance_through_the_values_with_the_attention_he
     assert result.attention == 1
     assert_untouched(before, network, x)
     assert network.attention.use_flash_attention is True  # switched off for the run only
+
+
+def test_attention_settings_are_restored_when_a_later_layer_is_refused():
+    network = TinyAttention()
+    network.head = nn.Sequential(nn.RMSNorm(2), nn.Linear(2, 2, bias=False))  # no LRP rule for RMSNorm
+    model = loaded(network, "classification")
+    x = torch.tensor([0.8, -1.5, 2.0, 0.3]).reshape(1, 1, 4, 1, 1)
+    before = snapshot(network, x)
+    with pytest.raises(ModelError, match="of type RMSNorm"):
+        lrp(model, x, Target(1, "c1", "logit", "softmax", None, {}), COMPOSITES["zero"])
+    assert network.attention.use_flash_attention is True
+    assert not network.attention.drop_weights._forward_hooks
+    assert_untouched(before, network, x)
 
 
 class TinyLayerNorm(nn.Module):

@@ -218,12 +218,16 @@ def window_rollout(blocks: list[dict], deepest: Grid) -> torch.Tensor:
 @contextlib.contextmanager
 def captured_window_attention(network: torch.nn.Module):
     """Record, for every Swin block during the forward passes run inside, its stage, token grid, window,
-    shift and attention matrix (windows, H, n, n) (see :func:`window_rollout`); hooks removed on exit."""
+    shift and attention matrix (windows, H, n, n) (see :func:`window_rollout`). Flash attention, which
+    never forms the matrix, is switched off meanwhile. Hooks removed and settings restored on exit."""
     from monai.networks.nets.swin_unetr import get_window_size
 
     records: list[dict] = []
     handles = []
     stages = window_attention_stages(network)
+    attentions = [block.attn for stage in stages for block in stage.blocks
+                  if hasattr(block.attn, "use_flash_attention")]
+    flash = [attention.use_flash_attention for attention in attentions]
     for number, stage in enumerate(stages):
         for block in stage.blocks:
             def before(module, inputs, number=number):
@@ -237,10 +241,14 @@ def captured_window_attention(network: torch.nn.Module):
             handles.append(block.register_forward_pre_hook(before))
             handles.append(block.attn.attn_drop.register_forward_hook(attention))
     try:
+        for attention_block in attentions:
+            attention_block.use_flash_attention = False
         yield records
     finally:
         for handle in handles:
             handle.remove()
+        for attention_block, value in zip(attentions, flash):
+            attention_block.use_flash_attention = value
 
 
 @contextlib.contextmanager
