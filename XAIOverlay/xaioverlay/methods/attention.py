@@ -225,9 +225,6 @@ def captured_window_attention(network: torch.nn.Module):
     records: list[dict] = []
     handles = []
     stages = window_attention_stages(network)
-    attentions = [block.attn for stage in stages for block in stage.blocks
-                  if hasattr(block.attn, "use_flash_attention")]
-    flash = [attention.use_flash_attention for attention in attentions]
     for number, stage in enumerate(stages):
         for block in stage.blocks:
             def before(module, inputs, number=number):
@@ -241,14 +238,11 @@ def captured_window_attention(network: torch.nn.Module):
             handles.append(block.register_forward_pre_hook(before))
             handles.append(block.attn.attn_drop.register_forward_hook(attention))
     try:
-        for attention_block in attentions:
-            attention_block.use_flash_attention = False
-        yield records
+        with flash_attention_off([block.attn for stage in stages for block in stage.blocks]):
+            yield records
     finally:
         for handle in handles:
             handle.remove()
-        for attention_block, value in zip(attentions, flash):
-            attention_block.use_flash_attention = value
 
 
 @contextlib.contextmanager
@@ -259,17 +253,28 @@ def captured_attention(blocks: list[torch.nn.Module]):
     flash attention, which never forms it, is switched off meanwhile. Restored on exit, also on error.
     """
     matrices: list[torch.Tensor] = []
-    flash = [getattr(block, "use_flash_attention", False) for block in blocks]
     handles = [block.drop_weights.register_forward_hook(lambda m, i, out: matrices.append(out.detach()))
                for block in blocks]
     try:
-        for block in blocks:
-            block.use_flash_attention = False
-        yield matrices
+        with flash_attention_off(blocks):
+            yield matrices
     finally:
         for handle in handles:
             handle.remove()
-        for block, value in zip(blocks, flash):
+
+
+@contextlib.contextmanager
+def flash_attention_off(blocks: list[torch.nn.Module]):
+    """Flash attention (which never forms the attention matrix) switched off in ``blocks`` that have it,
+    restored on exit, also on error."""
+    blocks = [block for block in blocks if hasattr(block, "use_flash_attention")]
+    saved = [block.use_flash_attention for block in blocks]
+    try:
+        for block in blocks:
+            block.use_flash_attention = False
+        yield
+    finally:
+        for block, value in zip(blocks, saved):
             block.use_flash_attention = value
 
 
