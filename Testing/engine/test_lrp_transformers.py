@@ -83,6 +83,44 @@ def test_attention_settings_are_restored_when_a_later_layer_is_refused():
     assert_untouched(before, network, x)
 
 
+class TinyEmbedding(nn.Module):
+    """MONAI's patch embedding (a 2×2×2 convolution to 2 channels, bias 0) with non-zero position
+    embeddings on a 4³ input: 8 tokens; their mean through a bias-free dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.networks.blocks import PatchEmbeddingBlock
+
+        torch.manual_seed(5)
+        self.embedding = PatchEmbeddingBlock(in_channels=1, img_size=4, patch_size=2, hidden_size=2, num_heads=1)
+        self.head = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.embedding.patch_embeddings.bias.zero_()
+            self.embedding.position_embeddings.copy_(torch.randn(1, 8, 2))
+
+    def forward(self, x):
+        return self.head(self.embedding(x).mean(1))
+
+
+def test_position_embeddings_take_their_share_like_a_bias_and_voxels_the_rest_by_hand():
+    network = TinyEmbedding()
+    model = loaded(network, "classification")
+    torch.manual_seed(6)
+    x = torch.randn(1, 1, 4, 4, 4)
+    result = lrp(model, x, Target(1, "c1", "logit", "softmax", None, {}), COMPOSITES["zero"])
+    # by hand: logit = w · mean_n (E x_n + p_n); LRP-0 gives voxel v of patch n the share
+    # x_v (w · E[:, v]) / 8, and the position embeddings keep w · mean_n p_n
+    w = network.head.weight[1].detach()
+    kernel = network.embedding.patch_embeddings.weight.detach()  # (2, 1, 2, 2, 2)
+    per_voxel = torch.einsum("c,cijk->ijk", w, kernel[:, 0]).repeat(2, 2, 2)
+    torch.testing.assert_close(result.input[0, 0], x[0, 0] * per_voxel / 8, rtol=1e-5, atol=1e-7)
+    absorbed = float(w @ network.embedding.position_embeddings[0].detach().mean(0))
+    with torch.no_grad():
+        logit = float(network(x)[0, 1])
+    assert float(result.input.sum()) == pytest.approx(logit - absorbed, rel=1e-5)
+    assert abs(absorbed) > 0.05 * abs(logit)  # the share is not negligible here
+
+
 class TinyLayerNorm(nn.Module):
     """Three channels of four voxels → four tokens, LayerNorm(3) with its own γ and β, mean over
     tokens, bias-free dense head."""
