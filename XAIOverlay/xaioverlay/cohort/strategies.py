@@ -38,7 +38,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..outputs import write_json
-from ..volumes import Volume, atomic_path, overlap_weights, read_volume, resample_additive, resample_array, write_volume
+from ..volumes import (Volume, atomic_path, overlap_weights, read_volume, resample_additive, resample_array,
+                       write_volume)
 from .manifest import Case
 
 log = logging.getLogger(__name__)
