@@ -4,8 +4,8 @@ A manifest is a CSV file with a header row: ``case_id``, ``image`` and, for mode
 channels, ``image_2``, ``image_3``, … in channel order; optional ``label`` (kept in the table as given),
 ``reference_mask`` (for the localisation metrics) and ``segments`` (a label map of the case's anatomy:
 an atlas registered to it or its own segmentation, for the strategies, see :mod:`.strategies`).
-Relative paths are relative to the manifest's folder. A folder instead of a manifest makes one case per volume file in it (not in subfolders), the
-case id being the file name without its extension.
+Relative paths are relative to the manifest's folder. A folder instead of a manifest makes one case
+per volume file in it (not in subfolders), the case id being the file name without its extension.
 
 Whether each case's files exist and can be read is checked when the case runs: a missing or damaged
 file fails that case only (see :mod:`xaioverlay.cohort.case`).
