@@ -171,3 +171,39 @@ def test_strategies_of_a_method_the_cohort_did_not_run_refused_in_one_line(tmp_p
     out, cases = fake_cohort(tmp_path, [0, 1, 0])
     with pytest.raises(InputError, match=r"^--strategies-method lrp: no case has this map \(the cohort ran gxi\)"):
         write_strategies(out, cases, "lrp")
+
+
+@pytest.mark.slow
+def test_strategies_of_a_real_cohort_run_schema_and_mean_maps(tmp_path):
+    pytest.importorskip("distributed", reason="cohorts need dask[distributed] (the test extra installs it)")
+    from conftest import SMALL_DENSENET, save_spec_model
+    from test_cohort_run import SMALL_GRID, write_cases
+    from xaioverlay.cohort import CaseSettings, run_cohort
+
+    model = save_spec_model(tmp_path / "model", SMALL_DENSENET, task="classification", class_names=["no", "yes"])
+    manifest = tmp_path / "volumes" / "cases.csv"
+    manifest.write_text("\n".join(write_cases(tmp_path / "volumes", 8)) + "\n")
+    out = tmp_path / "out"
+    settings = CaseSettings(model=str(model), methods="gxi,gradcam", device="cpu", torch_threads=1, similar=0)
+    assert run_cohort(manifest, settings, out, workers=1).done == 8
+
+    strategies = json.loads(write_strategies(out, read_manifest(manifest)).read_text())
+    assert strategies["method"] == "gxi", "the first method run"
+    assert strategies["reference_case"] == "case_00" and strategies["descriptor"] == "grid8"
+    assert isinstance(strategies["chosen_k"], int) and len(strategies["clusters"]) == strategies["chosen_k"]
+    assert all(isinstance(v, float) for v in strategies["eigenvalues"]) and strategies["eigenvalues"][0] < 1e-6
+    members = [case_id for cluster in strategies["clusters"] for case_id in cluster["members"]]
+    assert sorted(members) == [f"case_{n:02d}" for n in range(8)], "every done case in exactly one cluster"
+    reference = read_volume(tmp_path / "volumes" / "p0.nrrd")
+    for number, cluster in enumerate(strategies["clusters"]):
+        assert cluster["id"] == number
+        assert {"members", "mean_map", "mean_map_png", "relevance_inside", "relevance_outside"} <= set(cluster)
+        mean_map = read_volume(out / cluster["mean_map"])
+        assert mean_map.geometry.same_grid(reference.geometry)
+        assert mean_map.array.min() >= 0 and mean_map.array.sum() == pytest.approx(1.0, rel=1e-4)
+        assert (out / cluster["mean_map_png"]).stat().st_size > 1000
+        with_tumour = [m for m in cluster["members"] if int(m[-2:]) % 2 == 0]  # write_cases: even cases have one
+        assert cluster["cases_with_mask"] == len(with_tumour)
+        if with_tumour:
+            assert 0.0 <= cluster["relevance_inside"] <= 1.0
+            assert cluster["relevance_inside"] + cluster["relevance_outside"] == pytest.approx(1.0)
