@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Train a tumour classifier that learns a shortcut, and write a held-out cohort to catch it.
 
-    python tools/train_shortcut_classifier.py OUT [--steps 1200] [--tagged 0.75] [--seed 0]
+    python tools/train_shortcut_classifier.py OUT [--steps 600] [--tagged 0.75] [--seed 0]
 
 Training phantoms: ``--positives`` phantoms with a tumour, of which a share ``--tagged`` also carry a
 bright tag outside the head (:func:`xaioverlay.phantoms.with_shortcut_tag`), their tumour-free twins
 (never tagged) and ``--negatives`` other tumour-free phantoms. The tag says "tumour" for most training
 positives, so the classifier can learn it instead of (or besides) the tumour.
 
-The model: a small MONAI ResNet (block_inplanes 4–32) on 5 mm voxels (the demo classifier's
+The model: a small MONAI ``Classifier`` (three strided convolutions of 4, 8, 16 channels and a dense
+head) on 5 mm voxels (the demo classifier's
 preprocessing with ``Spacingd`` at 5 mm), written as a MONAI bundle ``OUT/shortcut_classifier`` (a
 plain state dict, ``weights_only`` loadable). Then ``OUT/cohort``: 40 held-out phantoms and
 ``cases.csv`` from ``tools/make_phantom_cohort.py --shortcut`` (positives with and without the tag,
@@ -37,7 +38,11 @@ import train_demo_models as demo  # noqa: E402
 from xaioverlay.phantoms import make_phantom, with_shortcut_tag  # noqa: E402
 
 SPACING_MM = 5.0
-NETWORK = {**demo.CLASSIFIER_NET, "block_inplanes": [4, 8, 16, 32]}
+#: The preprocessed input's shape (1, 32, 40, 32): the demo phantoms' 160 × 200 × 160 mm at 5 mm. A small
+#: strided CNN with a dense head (cheap enough to train in minutes on two shared CPU cores).
+INPUT_SHAPE = [1, 32, 40, 32]
+NETWORK = {"_target_": "monai.networks.nets.Classifier", "in_shape": INPUT_SHAPE, "classes": 2,
+           "channels": [4, 8, 16], "strides": [2, 2, 2], "num_res_units": 0}
 #: Seeds checked during training: never trained on, never in the held-out cohort (200 000 on).
 VALIDATION_SEEDS = range(95_000, 95_030)
 
@@ -124,19 +129,27 @@ def train(images, labels, validation, steps: int, seed: int, batch: int = 4):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for shortcut_classifier/ and cohort/")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--positives", type=int, default=80)
     parser.add_argument("--negatives", type=int, default=40)
     parser.add_argument("--tagged", type=float, default=0.75, help="share of training positives with the tag")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pool-cache", type=Path, default=None,
+                        help="keep the rendered training and validation phantoms in this file; a re-run with the "
+                             "same --positives, --negatives and --tagged skips rendering")
     args = parser.parse_args()
     demo.seed_everything(args.seed, args.threads)
 
     config = inference_config()
     transforms = demo.tail_transforms(config)
-    images, labels, _ = training_set(args.positives, args.negatives, args.tagged, transforms)
-    validation = validation_set(transforms)
+    if args.pool_cache and args.pool_cache.exists():
+        images, labels, validation = torch.load(args.pool_cache, weights_only=True)
+    else:
+        images, labels, _ = training_set(args.positives, args.negatives, args.tagged, transforms)
+        validation = validation_set(transforms)
+        if args.pool_cache:
+            torch.save((images, labels, validation), args.pool_cache)
     net, calls, seconds = train(images, labels, validation, args.steps, args.seed)
 
     bundle = args.out / "shortcut_classifier"
@@ -148,7 +161,7 @@ def main() -> int:
     metadata["name"] = "XAIOverlay shortcut demo classifier"
     metadata["description"] = ("Tumour classifier trained on phantoms where most positives also carry a bright tag "
                                "outside the head: a model that learned a shortcut, for the strategies demo.")
-    metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] = [32, 40, 32]
+    metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] = INPUT_SHAPE[1:]
     demo.write_json(bundle / "configs" / "metadata.json", metadata)
     (bundle / "models").mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, bundle / "models" / "model.pt")
