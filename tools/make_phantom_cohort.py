@@ -8,7 +8,8 @@ start far above the demo models' training seeds, so the cases are held out.
 
 With ``--shortcut`` (for ``tools/train_shortcut_classifier.py``): every third case has no tumour, the
 others have one, and every other tumour case also carries the bright tag outside the head
-(:func:`xaioverlay.phantoms.with_shortcut_tag`); column ``shortcut_tag`` says which (1) do.
+(:func:`xaioverlay.phantoms.with_shortcut_tag`); column ``shortcut_tag`` says which (1) do, and
+column ``tag_mask`` names the tag's mask (``<case>_tag.nrrd``) where it does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "XAIOverlay")]
 
 from xaioverlay.phantoms import make_phantom, with_shortcut_tag  # noqa: E402
-from xaioverlay.volumes import write_volume  # noqa: E402
+from xaioverlay.volumes import Volume, write_volume  # noqa: E402
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
                         help="a third without tumour; half the tumour cases with the shortcut tag")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = ["case_id,image,label,reference_mask" + (",shortcut_tag" if args.shortcut else "")]
+    lines = ["case_id,image,label,reference_mask" + (",shortcut_tag,tag_mask" if args.shortcut else "")]
     for number in range(args.cases):
         tumour = number % 3 != 0 if args.shortcut else number % 2 == 0
         tagged = args.shortcut and number % 3 == 1
@@ -42,8 +43,11 @@ def main() -> int:
         image = with_shortcut_tag(phantom.image, phantom.seed) if tagged else phantom.image
         write_volume(image, args.out / f"{case_id}_t1c.nrrd")
         write_volume(phantom.tumour_mask, args.out / f"{case_id}_tumour.nrrd")
+        if tagged:
+            tag = (image.array != phantom.image.array).astype("uint8")
+            write_volume(Volume(tag, image.geometry, f"{case_id}_tag"), args.out / f"{case_id}_tag.nrrd")
         lines.append(f"{case_id},{case_id}_t1c.nrrd,{int(phantom.has_tumour)},{case_id}_tumour.nrrd"
-                     + (f",{int(tagged)}" if args.shortcut else ""))
+                     + (f",{int(tagged)},{f'{case_id}_tag.nrrd' if tagged else ''}" if args.shortcut else ""))
     (args.out / "cases.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.cases} cases and {args.out / 'cases.csv'}")
     return 0

@@ -21,7 +21,7 @@ gap among its smallest eigenvalues (at most 8), then k-means on the row-normalis
 ``DIR/strategies.json`` lists the clusters, their members, each cluster's mean map on the reference
 case's grid (the first done case; every member's absolute map divided by its total, moved onto that
 grid keeping region sums, then averaged: each voxel holds the mean share of a case's relevance),
-written as NIfTI with a PNG (maximum projections over the reference case's anatomy), and the mean
+written as NIfTI with a PNG (maximum projections over the reference case's anatomy, mean-projected), and the mean
 share of each member's relevance inside and outside its reference mask (cases with a non-empty mask).
 """
 
@@ -157,7 +157,8 @@ def _on_grid(volume: Volume, target: Volume, interpolation: str) -> np.ndarray:
                           target.geometry.ijk_to_ras(), interpolation=interpolation)
 
 
-def _map_of(folder: Path, method: str) -> Volume | None:
+def map_of(folder: Path, method: str) -> Volume | None:
+    """The map of ``method`` (a spec, or a method name) in case folder ``folder``; None if it has none."""
     record = json.loads((folder / "explanation.json").read_text(encoding="utf-8"))
     entries = record.get("methods", [])
     for entry in [e for e in entries if e.get("spec") == method] or [e for e in entries if e.get("method") == method]:
@@ -165,7 +166,7 @@ def _map_of(folder: Path, method: str) -> Volume | None:
     return None
 
 
-def _share_inside(relevance: Volume, mask_path: str | None) -> float | None:
+def share_inside_mask(relevance: Volume, mask_path: str | None) -> float | None:
     """Share of |relevance| inside the case's reference mask; None without a (non-empty) mask."""
     if not mask_path:
         return None
@@ -177,7 +178,8 @@ def _share_inside(relevance: Volume, mask_path: str | None) -> float | None:
 
 
 def render_cluster_png(anatomy: Volume, mean_map: Volume, title: str, path: Path) -> Path:
-    """Axial and coronal maximum projections of ``mean_map`` over those of ``anatomy`` (same grid), as PNG."""
+    """Axial and coronal maximum projections of ``mean_map`` over mean projections of ``anatomy`` (same grid),
+    as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -187,13 +189,13 @@ def render_cluster_png(anatomy: Volume, mean_map: Volume, title: str, path: Path
     source = anatomy.geometry.ijk_to_ras()
     background = resample_array(anatomy.array.astype(np.float32), source, size, affine)  # [R, A, S]
     values = resample_array(mean_map.array.astype(np.float32), source, size, affine)
-    low, high = np.percentile(background, [1, 99.5])
     limit = float(values.max()) or 1.0
     figure = Figure(figsize=(7, 3.8), dpi=90)
     FigureCanvasAgg(figure)
     for column, (axis, name) in enumerate(((2, "axial (max over S)"), (1, "coronal (max over A)"))):
         axes = figure.add_subplot(1, 2, column + 1)
-        axes.imshow(background.max(axis).T[::-1, ::-1], cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+        shade = background.mean(axis).T[::-1, ::-1]
+        axes.imshow(shade, cmap="gray", vmin=0, vmax=float(shade.max()) or 1.0, interpolation="nearest")
         plane = values.max(axis).T[::-1, ::-1]
         axes.imshow(np.ma.masked_where(plane < 0.1 * limit, plane), cmap=SEQUENTIAL_CMAP, vmin=0, vmax=limit,
                     alpha=0.8, interpolation="nearest")
@@ -228,7 +230,7 @@ def write_strategies(out: str | os.PathLike, cases: Sequence[Case], method: str 
     method = method or records[0]["rows"][0]["method"]
     maps: list[tuple[Case, Volume]] = []
     for record in records:
-        relevance = _map_of(out / "cases" / record["case_id"], method)
+        relevance = map_of(out / "cases" / record["case_id"], method)
         if relevance is None:
             log.warning("case %s has no %s map; left out of the strategies", record["case_id"], method)
         else:
@@ -267,7 +269,7 @@ def write_strategies(out: str | os.PathLike, cases: Sequence[Case], method: str 
         write_volume(mean_map, folder / f"cluster_{cluster}.nii.gz")
         render_cluster_png(Volume(_on_grid(anatomy, reference, "linear"), reference.geometry), mean_map,
                            f"cluster {cluster}: {len(members)} cases, {method}", folder / f"cluster_{cluster}.png")
-        shares = [s for s in (_share_inside(r, case.reference_mask) for case, r in members) if s is not None]
+        shares = [s for s in (share_inside_mask(r, case.reference_mask) for case, r in members) if s is not None]
         inside = float(np.mean(shares)) if shares else None
         clusters.append({
             "id": cluster, "members": [case.case_id for case, _ in members], "size": len(members),
