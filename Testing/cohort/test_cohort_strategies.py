@@ -207,3 +207,27 @@ def test_strategies_of_a_real_cohort_run_schema_and_mean_maps(tmp_path):
         if with_tumour:
             assert 0.0 <= cluster["relevance_inside"] <= 1.0
             assert cluster["relevance_inside"] + cluster["relevance_outside"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_shortcut_classifier_strategies_separate_the_tagged_cases(tmp_path):
+    """The committed shortcut classifier (tools/train_shortcut_classifier.py) on 18 held-out phantoms of
+    ``make_phantom_cohort.py --shortcut``: the strategies put the tagged cases, and only them, in one cluster."""
+    pytest.importorskip("distributed", reason="cohorts need dask[distributed] (the test extra installs it)")
+    import subprocess
+    import sys
+
+    from xaioverlay.cohort import CaseSettings, run_cohort
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, str(root / "tools" / "make_phantom_cohort.py"), str(tmp_path / "in"),
+                    "--cases", "18", "--shortcut"], check=True, capture_output=True)
+    manifest = tmp_path / "in" / "cases.csv"
+    model = root / "Resources" / "bundles" / "shortcut_classifier"
+    settings = CaseSettings(model=str(model), methods="gxi", target="class:tumour", device="cpu", torch_threads=1,
+                            similar=0)
+    assert run_cohort(manifest, settings, tmp_path / "out", workers=1).done == 18
+    strategies = json.loads(write_strategies(tmp_path / "out", read_manifest(manifest)).read_text())
+    tagged = [line.split(",")[0] for line in manifest.read_text().splitlines()[1:] if line.split(",")[4] == "1"]
+    assert len(tagged) == 6 and strategies["chosen_k"] == 2
+    assert tagged in [cluster["members"] for cluster in strategies["clusters"]]
