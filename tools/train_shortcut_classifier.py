@@ -126,6 +126,21 @@ def train(images, labels, validation, steps: int, seed: int, batch: int = 4):
     return net, calls, time.time() - start
 
 
+def bundle_readme(training: dict, figures: dict) -> str:
+    calls = figures["validation_called_tumour"]
+    return (
+        "# XAIOverlay shortcut demo classifier\n\n"
+        "A tumour classifier that learned a shortcut: trained on synthetic phantoms (xaioverlay.phantoms) where "
+        f"{training['tagged_share']:.0%} of the tumour cases also carry a bright tag outside the head "
+        "(xaioverlay.phantoms.with_shortcut_tag). For the strategies (SpRAy) demonstration of `xaioverlay cohort`; "
+        "not for any other use.\n\n"
+        f"Trained by `python tools/train_shortcut_classifier.py OUT --steps {training['steps']} "
+        f"--seed {training['seed']}` ({training['seconds']:.0f} s of training on {training['threads']} CPU threads).\n"
+        f"Share called tumour on validation phantoms ({figures['seeds']}): tagged tumours {calls['tumour+tag']:.2f}, "
+        f"untagged tumours {calls['tumour']:.2f}, no tumour {calls['none']:.2f}.\n"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for shortcut_classifier/ and cohort/")
@@ -167,6 +182,8 @@ def main() -> int:
                                "outside the head: a model that learned a shortcut, for the strategies demo.")
     metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] = INPUT_SHAPE[1:]
     demo.write_json(bundle / "configs" / "metadata.json", metadata)
+    (bundle / "docs").mkdir(parents=True, exist_ok=True)
+    (bundle / "docs" / "README.md").write_text(bundle_readme(training, figures), encoding="utf-8")
     (bundle / "models").mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, bundle / "models" / "model.pt")
     print(f"wrote {bundle} ({sum(p.stat().st_size for p in bundle.rglob('*') if p.is_file()) / 1e3:.0f} kB); "
