@@ -64,6 +64,9 @@ def test_cli_runs_a_folder_of_volumes_on_a_local_cluster_with_json_progress(tmp_
     rows = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
     assert [row.split(",")[:3] for row in rows[1:]] == [["case1", "gxi", "done"], ["case2", "gxi", "done"]]
     assert (tmp_path / "out" / "cases" / "case2" / "gxi.nrrd").exists()
+    strategies = json.loads((tmp_path / "out" / "strategies.json").read_text())  # run after the cases
+    assert events[-1]["files"]["strategies"] == str(tmp_path / "out" / "strategies.json")
+    assert (strategies["method"], strategies["clusters"][0]["members"]) == ("gxi", ["case1", "case2"])
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ __all__ = [
     "RandomField",
     "make_phantom",
     "grid_ras",
+    "with_shortcut_tag",
 ]
 
 
@@ -483,6 +484,27 @@ def make_phantom(seed: int, *, tumour: bool = True, geometry: Geometry | None = 
         decoy_centres_ras=[tuple(float(c) for c in d.centre) for d in anatomy.decoys],
         seed=int(seed),
     )
+
+
+#: Where :func:`with_shortcut_tag` puts its tag: right, anterior, superior corner of the default field
+#: of view (RAS mm), outside every phantom's head.
+SHORTCUT_TAG_RAS = (62.0, 82.0, 62.0)
+
+
+def with_shortcut_tag(image: Volume, seed: int, *, side_mm: float = 10.0, jitter_mm: float = 4.0) -> Volume:
+    """``image`` with a bright cube (a scanner's marker, a positioning aid) painted outside the head.
+
+    The cube (``side_mm`` wide, as bright as the enhancing rim) is centred near :data:`SHORTCUT_TAG_RAS`,
+    moved by up to ``jitter_mm`` per axis (drawn from ``seed``); only background voxels (exactly 0) are
+    painted, so the head is unchanged. A shortcut for a classifier to learn when the tag comes with the
+    tumour in its training set.
+    """
+    rng = np.random.default_rng([int(seed), 7])
+    centre = np.asarray(SHORTCUT_TAG_RAS) + rng.uniform(-jitter_mm, jitter_mm, 3)
+    inside = (np.abs(grid_ras(image.geometry) - centre) <= side_mm / 2).all(-1) & (image.array == 0)
+    array = image.array.copy()
+    array[inside] = _T1C["rim"] * (1.0 + _NOISE_SIGMA * rng.standard_normal(int(inside.sum())))
+    return Volume(array.astype(image.array.dtype), image.geometry, f"{image.name}_tagged")
 
 
 def _paint_tumour(anatomy, geometry, d_brain, d_ventricle, t1c, flair, labels, tissue_texture) -> None:

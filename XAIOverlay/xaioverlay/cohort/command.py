@@ -31,6 +31,8 @@ def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-layer", default=None, metavar="NAME",
                         help="layer whose pooled activations compare cases (default: last before a classifier's "
                              "head, a segmenter's bottleneck)")
+    parser.add_argument("--strategies-method", default=None, metavar="METHOD",
+                        help="method whose maps are clustered into strategies.json (default: the first one run)")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="a running Dask scheduler (tcp://host:8786); default: a LocalCluster on this machine")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -86,6 +88,12 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
         return 130
     if args.progress == "bar" and sys.stderr.isatty():
         print(file=sys.stderr)
+    from .manifest import read_cases
+    from .strategies import write_strategies
+
+    strategies = write_strategies(args.out, read_cases(args.cases), args.strategies_method)
+    if strategies is not None:
+        result.files["strategies"] = strategies
     printer.result(out=str(Path(args.out).resolve()), done=result.done, failed=result.failed, skipped=result.skipped,
                    files={k: str(v) for k, v in result.files.items()})
     if args.progress != "json":

@@ -1,10 +1,11 @@
 """The cases of a cohort: a CSV manifest or a folder of volumes, checked before any work is scheduled.
 
 A manifest is a CSV file with a header row: ``case_id``, ``image`` and, for models with several input
-channels, ``image_2``, ``image_3``, … in channel order; optional ``label`` (kept in the table as given)
-and ``reference_mask`` (for the localisation metrics). Relative paths are relative to the manifest's
-folder. A folder instead of a manifest makes one case per volume file in it (not in subfolders), the
-case id being the file name without its extension.
+channels, ``image_2``, ``image_3``, … in channel order; optional ``label`` (kept in the table as given),
+``reference_mask`` (for the localisation metrics) and ``segments`` (a label map of the case's anatomy:
+an atlas registered to it or its own segmentation, for the strategies, see :mod:`.strategies`).
+Relative paths are relative to the manifest's folder. A folder instead of a manifest makes one case
+per volume file in it (not in subfolders), the case id being the file name without its extension.
 
 Whether each case's files exist and can be read is checked when the case runs: a missing or damaged
 file fails that case only (see :mod:`xaioverlay.cohort.case`).
@@ -23,7 +24,7 @@ from ..volumes import VOLUME_SUFFIXES
 
 #: Case ids become folder names: letters, digits, ``.``, ``_``, ``-``; not starting with ``.``.
 CASE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-OPTIONAL_COLUMNS = ("label", "reference_mask")
+OPTIONAL_COLUMNS = ("label", "reference_mask", "segments")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Case:
     images: tuple[str, ...]
     label: str | None = None
     reference_mask: str | None = None
+    segments: str | None = None
 
 
 def _channel_columns(header: list[str], manifest: Path) -> list[str]:
@@ -80,7 +82,7 @@ def read_manifest(manifest: Path) -> list[Case]:
     if missing:
         raise InputError(
             f"manifest {manifest} has no column {', '.join(missing)} (header: {','.join(header)}); "
-            "the first row must name the columns case_id,image[,image_2,...][,label][,reference_mask]"
+            "the first row must name the columns case_id,image[,image_2,...][,label][,reference_mask][,segments]"
         )
     if len(set(header)) != len(header):
         raise InputError(f"manifest {manifest}: a column is named twice in the header {','.join(header)}")
@@ -105,6 +107,7 @@ def read_manifest(manifest: Path) -> list[Case]:
             images=tuple(_resolve(cells[name], base) for name in channels),
             label=cells.get("label") or None,
             reference_mask=_resolve(cells["reference_mask"], base) if cells.get("reference_mask") else None,
+            segments=_resolve(cells["segments"], base) if cells.get("segments") else None,
         ))
     if not cases:
         raise InputError(f"manifest {manifest} has a header but no case; add one row per case")
