@@ -66,6 +66,7 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
     from ..cli import model_options
     from ..metrics.evaluate import MetricOptions
     from .case import CaseSettings
+    from .report import write_cohort_report
     from .run import run_cohort
 
     settings = CaseSettings(
@@ -86,6 +87,7 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
         return 130
     if args.progress == "bar" and sys.stderr.isatty():
         print(file=sys.stderr)
+    result.files["report"] = write_cohort_report(args.out)  # last: it shows what the run wrote
     printer.result(out=str(Path(args.out).resolve()), done=result.done, failed=result.failed, skipped=result.skipped,
                    files={k: str(v) for k, v in result.files.items()})
     if args.progress != "json":
@@ -93,4 +95,16 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
               f"{result.failed} failed")
         for path in result.files.values():
             print(f"  {path}")
+    return 0
+
+
+def add_cohort_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="the --out folder of an 'xaioverlay cohort' run")
+
+
+def run_cohort_report_command(args: argparse.Namespace, printer) -> int:
+    """Rebuild ``DIR/report.html`` from the folder alone (e.g. after ``strategies.json`` was added)."""
+    from .report import write_cohort_report
+
+    print(write_cohort_report(args.folder))
     return 0
