@@ -54,6 +54,7 @@ class CaseSettings:
     similar: int = 5  # similar cases listed per case (0: no feature vectors)
     feature_layer: str | None = None  # layer whose pooled activations compare cases (None: automatic)
     torch_threads: int | None = None
+    montage: bool = True  # montage.png per case (without --metrics; evaluate's report always has one)
 
     def record(self) -> dict:
         """What must be the same for a resumed run to continue this one."""
@@ -142,7 +143,7 @@ def _explain(case: Case, settings: CaseSettings, model, volumes, methods, stagin
         from ..outputs import write_outputs
 
         explanation = explain(model, volumes, methods, settings.target, score=settings.score, layer=settings.layer)
-        write_outputs(explanation, staging)
+        write_outputs(explanation, staging, montage=settings.montage)
         return explanation, done_rows(case, explanation, None)
     from ..metrics.evaluate import evaluate
     from ..metrics.report import write_evaluation

@@ -26,6 +26,7 @@ def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", action="store_true",
                         help="measure every map as 'xaioverlay evaluate' does (its default settings)")
     parser.add_argument("--no-road", action="store_true", help="with --metrics: skip 3D ROAD (the slowest metric)")
+    parser.add_argument("--no-montage", action="store_true", help="skip each case's montage.png (not with --metrics)")
     parser.add_argument("--similar", type=int, default=5, metavar="K",
                         help="list each case's K most similar cases in the model's feature space (default 5; 0: off)")
     parser.add_argument("--feature-layer", default=None, metavar="NAME",
@@ -73,7 +74,7 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
         model=args.model, methods=args.methods, target=args.target, score=args.score, layer=args.layer,
         device=args.device, amp=args.amp, model_options=model_options(args),
         metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
-        similar=args.similar, feature_layer=args.feature_layer,
+        similar=args.similar, feature_layer=args.feature_layer, montage=not args.no_montage,
     )
     show = printer_for(args.progress)
     try:
