@@ -85,26 +85,28 @@ def test_chosen_case_is_loaded_beside_the_current_one_in_linked_views(scene, coh
     found = similar_cases.read_cohort(cohort / "out")
     current = loaded_like_slicer(scene, cohort / "head0.nrrd", "head0")
     current_case = similar_cases.match_case(found, current)
-    _, current_map = similar_cases.load_cohort_case(scene, current_case, "gxi")
     chosen = found.cases[similar_cases.similar_to(found, current_case)[0].case_id]
 
-    other, other_map = similar_cases.load_cohort_case(scene, chosen, "gxi")
-    tags = similar_cases.show_beside(scene, layout_node, current, current_map, other, other_map,
-                                     ("head0", chosen.case_id))
+    other, tags = similar_cases.show_similar(scene, layout_node, found, current, current_case, chosen.case_id,
+                                             ("lrp", "gxi"), orientation="Coronal")
 
     assert layout_node.GetViewArrangement() == compare.LAYOUT_ID
     assert nodes.attribute(other, "casePath") == str(chosen.image) and nodes.attribute(other, "role") == nodes.CASE
     assert nodes.voxels(other).shape == (32, 32, 32)
-    assert nodes.attribute(other_map, "role") == nodes.MAP and nodes.attribute(other_map, "source") == other.GetID()
-    assert other_map.GetDisplayNode().GetColorNodeID(), "the map is coloured as the module colours maps"
-    for tag, background, foreground, label in zip(tags, (current, other), (current_map, other_map),
-                                                  ("head0", chosen.case_id)):
+    labels = ("case_00 (current)", f"{chosen.case_id} (similar)")
+    for tag, background, label in zip(tags, (current, other), labels):
         composite = compare.composite_node(scene, tag)
         assert composite.GetBackgroundVolumeID() == background.GetID()
-        assert composite.GetForegroundVolumeID() == foreground.GetID()
+        heat = scene.GetNodeByID(composite.GetForegroundVolumeID())
+        assert nodes.attribute(heat, "role") == nodes.MAP and nodes.attribute(heat, "source") == background.GetID()
+        assert nodes.attribute(heat, "spec") == "gxi", "lrp is not in the cohort: the next wanted method"
+        assert heat.GetDisplayNode().GetColorNodeID(), "the map is coloured as the module colours maps"
         assert composite.GetLinkedControl() == 1
-        assert compare.slice_node(scene, tag).GetLayoutLabel() == label
+        view = compare.slice_node(scene, tag)
+        assert view.GetLayoutLabel() == label and view.GetOrientation() == "Coronal"
     assert similar_cases.load_cohort_case(scene, chosen, "lrp")[1] is None, "no such map in the cohort: none shown"
+    with pytest.raises(ValueError, match="case nobody is not in the cohort folder"):
+        similar_cases.show_similar(scene, layout_node, found, current, current_case, "nobody")
 
 
 def test_folders_that_are_not_cohorts_are_refused_with_the_fix(cohort, tmp_path):
@@ -114,3 +116,21 @@ def test_folders_that_are_not_cohorts_are_refused_with_the_fix(cohort, tmp_path)
     (tmp_path / "no_similar" / "similar_cases.csv").unlink()
     with pytest.raises(ValueError, match="run the cohort with --similar K"):
         similar_cases.read_cohort(tmp_path / "no_similar")
+
+
+def test_module_wires_the_similar_cases_list_to_this_logic():
+    """Static (the Qt GUI cannot run here): the buttons call the widget's handlers, the handlers the module
+    logic, and every XAIOverlayLib.similar_cases name the module file uses exists."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(similar_cases.__file__).resolve().parents[1] / "XAIOverlay.py").read_text(encoding="utf-8")
+    for wiring in ('self.ui.findSimilarButton.connect("clicked(bool)", self.onFindSimilar)',
+                   'self.ui.showSimilarButton.connect("clicked(bool)", self.onShowSimilar)',
+                   'self.ui.similarListWidget.connect("itemDoubleClicked(QListWidgetItem*)"',
+                   "self.logic.similarCases(self._parameterNode)", "self.logic.showSimilar(self._parameterNode"):
+        assert wiring in source
+    used = {node.attr for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "similar_cases"}
+    assert used >= {"read_cohort", "match_case", "similar_to", "show_similar"}
+    assert all(callable(getattr(similar_cases, name, None)) for name in used), used

@@ -157,21 +157,51 @@ def map_record(case: CohortCase, method: str | None) -> dict | None:
     return None
 
 
+def load_cohort_map(scene, case: CohortCase, method: str | None, volume):
+    """The case's map of ``method`` from its cohort folder as a map node of ``volume`` (coloured as the module
+    colours maps); None when the folder holds no such map."""
+    record = map_record(case, method)
+    if record is None:
+        return None
+    label = record.get("label") or record.get("spec", "")
+    heat = nodes.add_volume_from_file(scene, record["path"], f"{case.case_id} · {label}")
+    heat.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+    nodes.set_attributes(heat, role=nodes.MAP, source=volume.GetID(), label=label, spec=record.get("spec", ""),
+                         signed=bool(record.get("signed")), record={k: v for k, v in record.items() if k != "path"})
+    colours.style_map(scene, heat, bool(record.get("signed")))
+    return heat
+
+
 def load_cohort_case(scene, case: CohortCase, method: str | None = None):
     """Load the case's image (tagged as a case-list volume) and its map of ``method``; returns (volume, map or None)."""
     image = case.image
     if not image.exists():
         raise ValueError(f"case {case.case_id}: its image {image} is no longer there; was the cohort's data moved?")
     volume = cases.load_case(scene, cases.Case(case.case_id, path=image, dicom=image.is_dir()))
-    record = map_record(case, method)
-    if record is None:
-        return volume, None
-    label = record.get("label") or record.get("spec", "")
-    heat = nodes.add_volume_from_file(scene, record["path"], f"{case.case_id} · {label}")
-    nodes.set_attributes(heat, role=nodes.MAP, source=volume.GetID(), label=label, spec=record.get("spec", ""),
-                         signed=bool(record.get("signed")), record={k: v for k, v in record.items() if k != "path"})
-    colours.style_map(scene, heat, bool(record.get("signed")))
-    return volume, heat
+    return volume, load_cohort_map(scene, case, method, volume)
+
+
+def shared_method(cohort: Cohort, case_ids, wanted) -> str | None:
+    """The first method of ``wanted`` (specs) whose map every case of ``case_ids`` has; None: their first maps."""
+    for spec in wanted:
+        if all(map_record(cohort.cases[case_id], spec) is not None for case_id in case_ids):
+            return spec
+    return None
+
+
+def show_similar(scene, layout_node, cohort: Cohort, volume, current: CohortCase, other_id: str, wanted=(),
+                 *, orientation: str = "Axial", opacity: float = 0.6):
+    """Load case ``other_id`` and show it beside ``volume`` (the cohort case ``current``), each with its cohort
+    map of the first method of ``wanted`` both have; returns (the other case's volume, the view tags)."""
+    if other_id not in cohort.cases:
+        raise ValueError(f"case {other_id} is not in the cohort folder {cohort.folder}")
+    other_case = cohort.cases[other_id]
+    method = shared_method(cohort, (current.case_id, other_id), wanted)
+    current_map = load_cohort_map(scene, current, method, volume)
+    other, other_map = load_cohort_case(scene, other_case, method)
+    labels = (f"{current.case_id} (current)", f"{other_id} (similar)")
+    return other, show_beside(scene, layout_node, volume, current_map, other, other_map, labels,
+                              orientation=orientation, opacity=opacity)
 
 
 def show_beside(scene, layout_node, current, current_map, other, other_map, labels: tuple[str, str],
