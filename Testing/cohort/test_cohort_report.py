@@ -169,3 +169,18 @@ def test_segmenter_cohort_reports_dice_against_the_reference_mask(tmp_path):
     value = record["rows"][0]["dice"]
     assert value is not None and 0.0 <= value <= 1.0
     assert "Dice overlap of the predicted foreground" in page and f"{value:.3f}" in page
+
+
+def test_report_of_a_cohort_where_every_case_failed_says_so(tmp_path):
+    from xaioverlay.cohort.case import FAILED, failed_rows, write_case_folder
+    from xaioverlay.cohort.manifest import Case
+    from xaioverlay.cohort.table import write_table
+
+    (tmp_path / "cases").mkdir()
+    cases = [Case("a", (str(tmp_path / "a.nrrd"),), "1"), Case("b", (str(tmp_path / "b.nrrd"),), "0")]
+    for case in cases:
+        write_case_folder(case, tmp_path / "cases", FAILED, failed_rows(case, "gxi", "cannot read it"), "cannot read it")
+    write_table(cases, tmp_path, 5)
+    page = write_cohort_report(tmp_path).read_text(encoding="utf-8")
+    assert "2 cases: 0 done, 2 failed" in page and "No done case: no model output to measure." in page
+    assert page.count("failed: cannot read it") == 2

@@ -129,6 +129,8 @@ class CohortData:
 
 def performance_html(data: CohortData) -> str:
     model = data.model()
+    if not model:
+        return "<p class='note'>No done case: no model output to measure.</p>"
     if model.get("task") == "classification":
         return _classifier_html(data, model)
     dice = [_float(data.case_row(case).get("dice")) for case in data.case_ids]
