@@ -179,7 +179,8 @@ def test_report_of_a_cohort_where_every_case_failed_says_so(tmp_path):
     (tmp_path / "cases").mkdir()
     cases = [Case("a", (str(tmp_path / "a.nrrd"),), "1"), Case("b", (str(tmp_path / "b.nrrd"),), "0")]
     for case in cases:
-        write_case_folder(case, tmp_path / "cases", FAILED, failed_rows(case, "gxi", "cannot read it"), "cannot read it")
+        error = "cannot read it"
+        write_case_folder(case, tmp_path / "cases", FAILED, failed_rows(case, "gxi", error), error)
     write_table(cases, tmp_path, 5)
     page = write_cohort_report(tmp_path).read_text(encoding="utf-8")
     assert "2 cases: 0 done, 2 failed" in page and "No done case: no model output to measure." in page

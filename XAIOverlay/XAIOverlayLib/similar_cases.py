@@ -173,7 +173,7 @@ def load_cohort_map(scene, case: CohortCase, method: str | None, volume):
 
 
 def load_cohort_case(scene, case: CohortCase, method: str | None = None):
-    """Load the case's image (tagged as a case-list volume) and its map of ``method``; returns (volume, map or None)."""
+    """Load the case's image (tagged as a case-list volume) and its map of ``method``: (volume, map or None)."""
     image = case.image
     if not image.exists():
         raise ValueError(f"case {case.case_id}: its image {image} is no longer there; was the cohort's data moved?")

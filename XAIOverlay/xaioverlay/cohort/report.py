@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..metrics.report import _figure
 from .performance import bootstrap_mean, class_performance, confusion_matrix, label_index
 from .table import LEADING, _replace_atomically
 
@@ -83,18 +84,9 @@ def _link(path: str, text: str) -> str:
 def _png(figure) -> str:
     """A matplotlib figure as an ``<img>`` with a base64 PNG data URI."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
+    figure.savefig(buffer, format="png", dpi=90)
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"<img class='plot' alt='plot' src='data:image/png;base64,{encoded}'>"
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    return figure
 
 
 class CohortData:
