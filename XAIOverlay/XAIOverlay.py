@@ -98,6 +98,7 @@ class XAIOverlayParameterNode:
     caseFolder: pathlib.Path
     pinCase: bool = False
     prepareNext: bool = True
+    cohortFolder: pathlib.Path
 
 
 #
@@ -139,6 +140,9 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.classComboBox.connect("activated(int)", self.onClassChosen)
         self.ui.methodsListWidget.connect("itemChanged(QListWidgetItem*)", self.onMethodToggled)
         self.ui.comparisonTableView.connect("clicked(QModelIndex)", self.onTableRow)
+        self.ui.findSimilarButton.connect("clicked(bool)", self.onFindSimilar)
+        self.ui.showSimilarButton.connect("clicked(bool)", self.onShowSimilar)
+        self.ui.similarListWidget.connect("itemDoubleClicked(QListWidgetItem*)", lambda item: self.onShowSimilar())
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -309,6 +313,24 @@ class XAIOverlayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job is not None:
                 self._start(job)
 
+    # --- similar cases -----------------------------------------------------------------------------
+    def onFindSimilar(self) -> None:
+        self.ui.similarListWidget.clear()
+        with slicer.util.tryWithErrorDisplay(_("Cannot list similar cases."), waitCursor=True):
+            case, rows = self.logic.similarCases(self._parameterNode)
+            for row in rows:
+                item = qt.QListWidgetItem(row.text())
+                item.setData(qt.Qt.UserRole, row.case_id)
+                self.ui.similarListWidget.addItem(item)
+            self.ui.similarLabel.text = f"{case.case_id}: {len(rows)} similar cases"
+
+    def onShowSimilar(self) -> None:
+        item = self.ui.similarListWidget.currentItem()
+        if item is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot show this case."), waitCursor=True):
+            self.logic.showSimilar(self._parameterNode, item.data(qt.Qt.UserRole))
+
     def _showCase(self) -> None:
         browser = self.logic.core.browser
         if browser and browser.current:
@@ -326,6 +348,8 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._core = None
+        self._cohort = None  # the cohort folder read by similarCases, and the input volume's case in it
+        self._cohortCase = None
 
     def getParameterNode(self):
         return XAIOverlayParameterNode(super().getParameterNode())
@@ -421,6 +445,30 @@ class XAIOverlayLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("choose the case folder first"))
         found = cases.cases_from_folder(parameters.caseFolder) if fromFolder else cases.cases_from_scene(slicer.mrmlScene)
         return self.core.set_cases(found)
+
+    def similarCases(self, parameters):
+        """The cohort case of the input volume and its similar cases (see XAIOverlayLib.similar_cases)."""
+        from XAIOverlayLib import similar_cases
+
+        if str(parameters.cohortFolder) in ("", "."):
+            raise ValueError(_("choose the cohort folder first"))
+        if parameters.inputVolume is None:
+            raise ValueError(_("choose the input volume first"))
+        cohort = similar_cases.read_cohort(parameters.cohortFolder)
+        case = similar_cases.match_case(cohort, parameters.inputVolume)
+        if case is None:
+            raise ValueError(_("the input volume is not a case of this cohort: no case has its file or the "
+                               "same file content; load it from the cohort's files"))
+        self._cohort, self._cohortCase = cohort, case
+        return case, similar_cases.similar_to(cohort, case)
+
+    def showSimilar(self, parameters, caseId: str):
+        from XAIOverlayLib import similar_cases
+
+        wanted = [spec for spec in parameters.methods.replace(" ", "").split(",") if spec]
+        return similar_cases.show_similar(slicer.mrmlScene, self.core.layout_node, self._cohort,
+                                          parameters.inputVolume, self._cohortCase, caseId, wanted,
+                                          orientation=parameters.orientation.value, opacity=parameters.opacity)
 
     def step(self, parameters, step: int):
         from XAIOverlayLib.logic import request_from_parameters

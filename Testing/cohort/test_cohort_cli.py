@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,14 +60,50 @@ def test_cli_runs_a_folder_of_volumes_on_a_local_cluster_with_json_progress(tmp_
     else:
         assert events[0]["message"].startswith("Dask dashboard: http://")
     progress = [e for e in events if e["event"] == "cohort"]
-    assert [(e["done"], e["remaining"], e["total"]) for e in progress] == [(1, 1, 2), (2, 0, 2)]
+    assert [(e["done"], e["failed"], e["remaining"], e["total"]) for e in progress] == [(1, 0, 1, 2), (2, 0, 0, 2)]
+    assert all(e["cases_per_minute"] > 0 for e in progress)
+    assert progress[0]["eta_s"] > 0 and progress[1]["eta_s"] == 0
     assert events[-1]["event"] == "result" and events[-1]["done"] == 2
+    report = tmp_path / "out" / "report.html"
+    assert events[-1]["files"]["report"] == str(report) and "id='section-cases'" in report.read_text()
     rows = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
     assert [row.split(",")[:3] for row in rows[1:]] == [["case1", "gxi", "done"], ["case2", "gxi", "done"]]
     assert (tmp_path / "out" / "cases" / "case2" / "gxi.nrrd").exists()
     strategies = json.loads((tmp_path / "out" / "strategies.json").read_text())  # run after the cases
     assert events[-1]["files"]["strategies"] == str(tmp_path / "out" / "strategies.json")
     assert (strategies["method"], strategies["clusters"][0]["members"]) == ("gxi", ["case1", "case2"])
+
+
+def test_cli_bar_prints_the_dashboard_then_a_line_per_case_with_rate_and_eta(tmp_path):
+    model, volumes = volumes_folder(tmp_path, (3, 4))
+    done = run_cli("--model", str(model), "--cases", str(volumes), "--out", str(tmp_path / "out"), "--methods", "gxi",
+                   "--device", "cpu", "--workers", "1", "--similar", "0", cwd=tmp_path)  # stderr is a pipe, not a tty
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("Dask dashboard: ")
+    bars = [line for line in lines if " cases · " in line]
+    assert len(bars) == 2, lines
+    assert re.fullmatch(r"1/2 cases · 1 done · 0 failed · 1 remaining · [0-9.]+ cases/min · ETA [0-9.]+ (s|min)"
+                        r" · case[34] done", bars[0])
+    assert bars[1].startswith("2/2 cases · 2 done · 0 failed · 0 remaining · ")
+    assert done.stdout.splitlines()[0] == "2 of 2 cases done (0 from an earlier run), 0 failed"
+    assert str(tmp_path / "out" / "report.html") in done.stdout
+
+
+def test_cohort_report_rebuilds_the_page_and_refuses_a_folder_without_a_cohort(tmp_path):
+    model, volumes = volumes_folder(tmp_path, (5,))
+    out = tmp_path / "out"
+    assert run_cli("--model", str(model), "--cases", str(volumes), "--out", str(out), "--methods", "gxi",
+                   "--device", "cpu", "--workers", "1", "--progress", "none", cwd=tmp_path).returncode == 0
+    (out / "report.html").unlink()
+    rebuilt = subprocess.run([sys.executable, "-m", "xaioverlay", "cohort-report", str(out)], capture_output=True,
+                             text=True, env=environment(), timeout=120)
+    assert rebuilt.returncode == 0 and rebuilt.stdout.strip() == str(out / "report.html")
+    assert "<td>case5</td>" in (out / "report.html").read_text()
+    refused = subprocess.run([sys.executable, "-m", "xaioverlay", "cohort-report", str(tmp_path)],
+                             capture_output=True, text=True, env=environment(), timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"xaioverlay: error: {tmp_path} holds no cohort.csv; give the --out folder of an 'xaioverlay cohort' run"]
 
 
 @pytest.mark.slow

@@ -51,3 +51,13 @@ def test_pooled_features_run_the_windows_without_building_the_whole_output(tmp_p
     monkeypatch.setattr(model, "infer", refuse)
     features = pooled_features(model, x, layer)
     np.testing.assert_allclose(features, torch.stack(expected).mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_nearest_cases_in_blocks_equal_all_at_once():
+    features = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    features[7] = features[3] * 2.0  # a tie with another row's direction
+    whole = nearest_cases(features, k=4, block=len(features))
+    for block in (1, 7, 16):
+        indices, similarities = nearest_cases(features, k=4, block=block)
+        assert np.array_equal(indices, whole[0]) and np.allclose(similarities, whole[1], atol=1e-6)
+    assert whole[0][3, 0] == 7 and whole[0][7, 0] == 3

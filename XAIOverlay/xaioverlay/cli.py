@@ -174,13 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--input", nargs="+", metavar="VOL", help="probe with these volumes (default: the model's example input size)")
     layers.set_defaults(run=run_layers)
 
-    from .cohort.command import add_cohort_arguments, run_cohort_command
+    from .cohort.command import (add_cohort_arguments, add_cohort_report_arguments, run_cohort_command,
+                                 run_cohort_report_command)
 
     cohort = commands.add_parser("cohort",
                                  help="explain (and measure) many cases on a Dask cluster; writes cases/, cohort.csv",
                                  formatter_class=argparse.RawTextHelpFormatter)
     add_cohort_arguments(cohort)
     cohort.set_defaults(run=run_cohort_command)
+    cohort_report = commands.add_parser("cohort-report", help="rebuild a cohort folder's report.html from its files")
+    add_cohort_report_arguments(cohort_report)
+    cohort_report.set_defaults(run=run_cohort_report_command)
 
     demo = commands.add_parser("demo", help="explain a synthetic phantom with the demo models and every method")
     demo.add_argument("--out", default="xaioverlay-demo", help="output folder (default: ./xaioverlay-demo)")

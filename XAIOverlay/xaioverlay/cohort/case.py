@@ -54,6 +54,7 @@ class CaseSettings:
     similar: int = 5  # similar cases listed per case (0: no feature vectors)
     feature_layer: str | None = None  # layer whose pooled activations compare cases (None: automatic)
     torch_threads: int | None = None
+    montage: bool = True  # montage.png per case (without --metrics; evaluate's report always has one)
 
     def record(self) -> dict:
         """What must be the same for a resumed run to continue this one."""
@@ -142,7 +143,7 @@ def _explain(case: Case, settings: CaseSettings, model, volumes, methods, stagin
         from ..outputs import write_outputs
 
         explanation = explain(model, volumes, methods, settings.target, score=settings.score, layer=settings.layer)
-        write_outputs(explanation, staging)
+        write_outputs(explanation, staging, montage=settings.montage)
         return explanation, done_rows(case, explanation, None)
     from ..metrics.evaluate import evaluate
     from ..metrics.report import write_evaluation
@@ -170,6 +171,23 @@ def _write_features(settings: CaseSettings, model, x, staging: Path) -> None:
     np.save(staging / FEATURES_FILE, pooled_features(model, x, layer), allow_pickle=False)
 
 
+def reference_dice(segmentation, reference_mask: str) -> float | None:
+    """A segmenter's Dice against the case's ``reference_mask``: any predicted foreground class vs the mask's
+    non-zero voxels, on the input grid; None when both are empty (a negative case predicted empty)."""
+    import math
+
+    from ..errors import InputError
+    from ..volumes import read_volume
+    from .performance import dice
+
+    reference = read_volume(reference_mask)
+    if reference.array.shape != segmentation.array.shape:
+        raise InputError(f"reference_mask {reference_mask} has size {list(reference.geometry.size)}, the image "
+                         f"{list(segmentation.geometry.size)}; give the mask on the image's grid")
+    value = dice(segmentation.array > 0, reference.array > 0)
+    return None if math.isnan(value) else round(value, 6)
+
+
 def _run(case: Case, settings: CaseSettings, staging: Path) -> list[dict]:
     from ..volumes import read_volumes
 
@@ -181,6 +199,9 @@ def _run(case: Case, settings: CaseSettings, staging: Path) -> list[dict]:
 
         methods = demo_methods(model)
     explanation, rows = _explain(case, settings, model, volumes, methods, staging)
+    if case.reference_mask and explanation.segmentation() is not None:
+        overlap = reference_dice(explanation.segmentation(), case.reference_mask)
+        rows = [{**row, "dice": overlap} for row in rows]
     if settings.similar and model.internals_available:
         _write_features(settings, model, explanation.model_input.tensor, staging)
     return rows

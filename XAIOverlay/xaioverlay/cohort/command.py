@@ -26,6 +26,7 @@ def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", action="store_true",
                         help="measure every map as 'xaioverlay evaluate' does (its default settings)")
     parser.add_argument("--no-road", action="store_true", help="with --metrics: skip 3D ROAD (the slowest metric)")
+    parser.add_argument("--no-montage", action="store_true", help="skip each case's montage.png (not with --metrics)")
     parser.add_argument("--similar", type=int, default=5, metavar="K",
                         help="list each case's K most similar cases in the model's feature space (default 5; 0: off)")
     parser.add_argument("--feature-layer", default=None, metavar="NAME",
@@ -68,13 +69,14 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
     from ..cli import model_options
     from ..metrics.evaluate import MetricOptions
     from .case import CaseSettings
+    from .report import write_cohort_report
     from .run import run_cohort
 
     settings = CaseSettings(
         model=args.model, methods=args.methods, target=args.target, score=args.score, layer=args.layer,
         device=args.device, amp=args.amp, model_options=model_options(args),
         metrics=MetricOptions(road=not args.no_road) if args.metrics else None,
-        similar=args.similar, feature_layer=args.feature_layer,
+        similar=args.similar, feature_layer=args.feature_layer, montage=not args.no_montage,
     )
     show = printer_for(args.progress)
     try:
@@ -94,6 +96,7 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
     strategies = write_strategies(args.out, read_cases(args.cases), args.strategies_method)
     if strategies is not None:
         result.files["strategies"] = strategies
+    result.files["report"] = write_cohort_report(args.out)  # last: it shows what the run wrote
     printer.result(out=str(Path(args.out).resolve()), done=result.done, failed=result.failed, skipped=result.skipped,
                    files={k: str(v) for k, v in result.files.items()})
     if args.progress != "json":
@@ -101,4 +104,16 @@ def run_cohort_command(args: argparse.Namespace, printer) -> int:
               f"{result.failed} failed")
         for path in result.files.values():
             print(f"  {path}")
+    return 0
+
+
+def add_cohort_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="the --out folder of an 'xaioverlay cohort' run")
+
+
+def run_cohort_report_command(args: argparse.Namespace, printer) -> int:
+    """Rebuild ``DIR/report.html`` from the folder alone (e.g. after ``strategies.json`` was added)."""
+    from .report import write_cohort_report
+
+    print(write_cohort_report(args.folder))
     return 0

@@ -49,16 +49,23 @@ def pooled_features(model: LoadedModel, x: torch.Tensor, layer: str) -> np.ndarr
     return torch.stack(sums).mean(0).numpy().astype(np.float32)
 
 
-def nearest_cases(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def nearest_cases(features: np.ndarray, k: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``features`` (N, C), the ``k`` other rows of highest cosine similarity.
+
+    Rows are compared ``block`` at a time, so memory grows as block × N, not N × N (10,000 cases).
 
     Returns:
         (indices, similarities), each (N, min(k, N - 1)); ties keep the lower index first.
     """
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     unit = features / np.where(norms > 0, norms, 1.0)
-    similarity = unit @ unit.T  # (N, N)
-    np.fill_diagonal(similarity, -np.inf)
     k = min(k, len(features) - 1)
-    order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(similarity, order, axis=1)
+    indices, similarities = [], []
+    for start in range(0, len(unit), block):
+        similarity = unit[start:start + block] @ unit.T  # (block, N)
+        rows = np.arange(similarity.shape[0])
+        similarity[rows, rows + start] = -np.inf  # never the case itself
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        indices.append(order)
+        similarities.append(np.take_along_axis(similarity, order, axis=1))
+    return np.concatenate(indices), np.concatenate(similarities)

@@ -22,7 +22,7 @@ from .similar import FEATURES_FILE, nearest_cases
 
 #: The first columns, in this order; the others (model output, metrics) follow in order of appearance.
 LEADING = ("case_id", "method", "status", "error", "label", "predicted", "predicted_index", "probability", "logit",
-           "target_value", "runtime_s", "device", "forward_passes", "backward_passes", "similar_cases")
+           "dice", "target_value", "runtime_s", "device", "forward_passes", "backward_passes", "similar_cases")
 
 
 SIMILAR = ("case_id", "rank", "similar_case_id", "cosine_similarity", "label", "predicted")
