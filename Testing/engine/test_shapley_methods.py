@@ -1,0 +1,100 @@
+"""shap, kernelshap, lime and shap-guided as methods: maps on the input grid that keep their sums, records with
+standard errors and R², bad sample counts and hour-long runs refused in one line before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import SMALL_UNET, blob_volume, oblique_geometry, save_spec_model
+from xaioverlay.cli import main
+from xaioverlay.errors import InputError
+from xaioverlay.explain import explain
+from xaioverlay.models import load_model
+from xaioverlay.volumes import Geometry, read_volume, write_volume
+from xaioverlay.worker import method_catalogue
+
+GRID = Geometry((24, 24, 24), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+
+def blob(geometry=GRID):
+    centre = geometry.ijk_to_ras_points(np.array([[s / 2 for s in geometry.size]]))[0]
+    return blob_volume(geometry, centre, 5.0, value=2.0, noise=0.3)
+
+
+@pytest.fixture
+def unet(tmp_path):
+    spec = save_spec_model(tmp_path / "unet", SMALL_UNET, task="segmentation", class_names=["background", "tumour"])
+    return load_model(spec, device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["shap:4", "kernelshap:100", "shap-guided:300"])
+def test_shapley_map_on_an_oblique_input_grid_sums_to_the_score_difference(unet, spec):
+    """Σ values = f(x) − f(fill) (efficiency) in the record, and the written map (moved to an oblique input grid,
+    additively) still sums to it."""
+    volume = blob(oblique_geometry(size=(28, 24, 20), spacing=(1.0, 1.2, 1.5)))
+    explanation = explain(unet, [volume], [spec], "channel:tumour")
+    (result,) = explanation.results
+    extras = result.extras
+    assert extras["sum_values"] == pytest.approx(extras["score_difference"], rel=1e-6, abs=1e-6)
+    assert extras["score_difference"] == pytest.approx(extras["full_score"] - extras["empty_score"])
+    assert len(extras["standard_errors"]) == result.parameters["segment_count"] > 1
+    assert float(result.model_grid_map.double().sum()) == pytest.approx(extras["sum_values"], rel=1e-4, abs=1e-5)
+    assert float(result.volume.array.astype(np.float64).sum()) == pytest.approx(extras["sum_values"], rel=2e-2, abs=1e-4)
+
+
+def test_kernelshap_with_too_few_coalitions_is_refused_in_one_line_before_any_work(unet, tmp_path, capsys):
+    image = write_volume(blob(), tmp_path / "blob.nrrd")
+    spec = tmp_path / "unet" / "model.yaml"
+    code = main(["explain", "--model", str(spec), "--input", str(image), "--methods", "kernelshap:10",
+                 "--target", "channel:tumour", "--out", str(tmp_path / "out"), "--progress", "none", "--no-montage"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "kernelshap:10 over 8 segments needs at least 16 coalitions; use kernelshap:16 or more" in err
+    assert not (tmp_path / "out" / "explanation.json").exists()
+
+
+def test_a_run_that_would_take_hours_is_refused_with_its_estimated_time(unet):
+    unet.passes.reset()
+    with pytest.raises(InputError, match=r"shap:4000000 over 8 segments needs about 28,000,002 model passes, about .* h "):
+        explain(unet, [blob()], ["shap:4000000"], "channel:tumour")
+
+
+class WavyScore(torch.nn.Module):
+    """A classifier whose logit oscillates with the fraction of the volume kept: no linear surrogate fits it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = torch.sin(40 * x.flatten(1).mean(1))
+        return torch.stack([-score, score], 1)
+
+
+def test_low_lime_r2_is_a_warning_in_the_record_and_on_the_command_line(tmp_path, capsys):
+    folder = tmp_path / "wavy"
+    folder.mkdir()
+    torch.jit.script(WavyScore()).save(str(folder / "wavy.ts"))
+    (folder / "wavy.yaml").write_text(yaml.safe_dump({"task": "classification", "class_names": ["a", "b"],
+                                                       "activation": "none"}))
+    volume = blob()
+    volume.array[:] = 1.0
+    image = write_volume(volume, tmp_path / "ones.nrrd")
+    code = main(["explain", "--model", str(folder / "wavy.ts"), "--input", str(image), "--methods", "lime:200",
+                 "--target", "class:b", "--out", str(tmp_path / "out"), "--progress", "none", "--no-montage"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    (method,) = record["methods"]
+    assert method["extras"]["r2"] < 0.5
+    assert "LIME: the linear surrogate explains little of the model (R²" in err
+    assert "LIME: the linear surrogate explains little" in method["extras"]["warning"]
+
+
+def test_segment_methods_are_in_the_method_catalogue_the_slicer_module_lists(unet):
+    catalogue = {entry["name"]: entry for entry in method_catalogue(unet)}
+    for name in ("shap", "kernelshap", "lime", "shap-guided"):
+        assert catalogue[name]["allowed"], catalogue[name]
+    assert catalogue["shap"]["signed"] and catalogue["lime"]["spec"].startswith("lime")

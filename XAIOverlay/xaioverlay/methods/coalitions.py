@@ -1,0 +1,271 @@
+"""Segment methods: Shapley values and LIME over segments, on the masked scorer.
+
+Specs: ``shap[:N]`` (N permutations, antithetic pairs), ``kernelshap[:N]`` (N coalitions), ``lime[:N]``
+(N coalitions), ``shap-guided[:N]`` (a budget of N model passes); each may add ``:FILL`` (``zero``,
+``mean`` or ``blur``: what replaces a left-out segment). The segments come from ``--segments`` (see
+:mod:`xaioverlay.segments`); without it, :data:`DEFAULT_SEGMENTS`.
+
+The map: a segment's value spread evenly over its voxels (value / voxel count), so the map is additive —
+its sum over a segment is the segment's Shapley value (or LIME coefficient) on every grid, and the sum
+over the volume is ``f(x) − f(baseline)`` for the Shapley methods. The estimators are in
+:mod:`.shapley`; standard errors (LIME: R²) go to ``explanation.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import ClassVar
+
+import torch
+
+from ..errors import InputError
+from ..models.base import LoadedModel
+from ..progress import NO_PROGRESS, Progress
+from ..targets import Target
+from . import shapley
+from .base import Attribution, Method
+from .gradients import gradient_times_input
+from .precision import full_float32
+
+#: Segments when ``--segments`` is not given: cubes of 16 voxels (216 on a 96³ grid).
+DEFAULT_SEGMENTS = "cubes:16"
+FILLS = ("zero", "mean", "blur")
+#: σ of the ``blur`` fill, in voxels of the model grid.
+BLUR_SIGMA_VOXELS = 4.0
+#: Fixed seed: the same input gives the same map (recorded in the parameters).
+SEED = 0
+#: Coalitions timed before a run to estimate its duration.
+PROBE_ROWS = 4
+
+
+def segment_sums(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+    """Sum of ``values`` (X, Y, Z) over each segment of ``segments`` (X, Y, Z) ids 0..S-1: (S,) float64."""
+    return torch.zeros(count, dtype=torch.float64, device=values.device).index_add_(
+        0, segments.reshape(-1), values.reshape(-1).double())
+
+
+def paint_segments(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Each voxel's share of its segment's value (S,): value / segment voxel count, (X, Y, Z) float32.
+    The map's sum over a segment is the segment's value (an additive map)."""
+    ids = segments.reshape(-1)
+    sizes = torch.bincount(ids, minlength=len(values)).clamp_min(1)
+    density = values.to(segments.device, torch.float64) / sizes
+    return density[ids].view(segments.shape).float()
+
+
+def parse_coalition_option(option: str | None, name: str) -> tuple[int | None, str]:
+    """``[N][:FILL]`` (either order) → (sample count or None, fill)."""
+    usage = f"use {name}:N[:FILL], e.g. {name}:{CoalitionMethod.REGISTERED_DEFAULTS.get(name, 100)} (FILL: {', '.join(FILLS)})"
+    samples, fill = None, None
+    for field in [f.strip().lower() for f in option.split(":")] if option else []:
+        if field.isdigit() and samples is None:
+            samples = int(field)
+        elif field in FILLS and fill is None:
+            fill = field
+        else:
+            raise InputError(f"{name}:{option}: cannot read {field!r}; {usage}")
+    return samples, fill or "zero"
+
+
+class CoalitionMethod(Method):
+    """What the segment methods share: options, segments, scorer, duration check, map and record."""
+
+    signed = True
+    additive = True
+    by_window = False  # the masked scorer handles sliding windows
+    #: Default sample count of each method (by name), for messages.
+    REGISTERED_DEFAULTS: ClassVar[dict[str, int]] = {}
+    default_samples: ClassVar[int] = 0
+    #: The option's unit, for messages and the record.
+    unit: ClassVar[str] = "coalitions"
+
+    def __init__(self, samples: int | None = None, fill: str = "zero", segments: str | None = None) -> None:
+        self.samples = samples if samples is not None else self.default_samples
+        self.fill = fill
+        #: Segment spec (``--segments``); None → :data:`DEFAULT_SEGMENTS`.
+        self.segments = segments
+        #: Segment ids (X, Y, Z) on the model grid set by the engine from ``--segments``, else made from the input.
+        self.segment_ids: torch.Tensor | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            CoalitionMethod.REGISTERED_DEFAULTS[cls.name] = cls.default_samples
+
+    @classmethod
+    def from_option(cls, option: str | None, *, layer: str | None = None) -> "CoalitionMethod":
+        samples, fill = parse_coalition_option(option, cls.name)
+        return cls(samples, fill)
+
+    @property
+    def spec(self) -> str:
+        parts = ([str(self.samples)] if self.samples != self.default_samples else []) + (
+            [self.fill] if self.fill != "zero" else [])
+        return f"{self.name}:{':'.join(parts)}" if parts else self.name
+
+    # -- what each method says ------------------------------------------------------------------------
+    def minimum_samples(self, segments: int) -> int:
+        """The fewest samples the estimator needs for ``segments`` segments."""
+        return 1
+
+    def planned_passes(self, segments: int) -> int:
+        """Coalitions the run will evaluate."""
+        raise NotImplementedError
+
+    def estimate(self, value, segments: int, generator: torch.Generator, model: LoadedModel, x: torch.Tensor,
+                 target: Target, ids: torch.Tensor) -> shapley.Estimate:
+        raise NotImplementedError
+
+    def warning(self, estimate: shapley.Estimate) -> str | None:
+        """One line the user must see about this run (shown with the map), or None."""
+        return None
+
+    # -- shared -----------------------------------------------------------------------------------------
+    def make_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from)."""
+        from ..segments import cube_ids, parse_segments, relabel, slic_ids
+
+        if self.segment_ids is not None:
+            return self.segment_ids.to(x.device), self.segments or "given"
+        text = self.segments or DEFAULT_SEGMENTS
+        spec = parse_segments(text)
+        spacing = self.spacing_mm or (1.0, 1.0, 1.0)
+        if spec.kind == "cubes":
+            ids = cube_ids(tuple(x.shape[2:]), spec.size.voxels(spacing, "segment cube"))
+        elif spec.kind == "slic":
+            ids = torch.from_numpy(relabel(slic_ids(x[0].float().cpu().numpy(), spec.count, spec.compactness, spacing)))
+        else:
+            raise InputError(f"{self.label}: a label volume needs the input's geometry; run it through explain()")
+        return ids.to(x.device), text
+
+    def fill_values(self, x: torch.Tensor) -> torch.Tensor:
+        from ..baselines import baseline
+
+        return baseline(x, self.fill, BLUR_SIGMA_VOXELS)
+
+    def check_samples(self, segments: int) -> None:
+        least = self.minimum_samples(segments)
+        if self.samples < least:
+            raise InputError(f"{self.spec} over {segments} segments needs at least {least} {self.unit}; "
+                             f"use {self.name}:{least} or more, or fewer segments (--segments)")
+
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+        from ..segments import check_duration
+        from .masking import SegmentScorer
+
+        ids, segments_text = self.make_ids(x)
+        count = int(ids.max()) + 1
+        self.check_samples(count)
+        planned = self.planned_passes(count)
+        with torch.inference_mode(), full_float32():
+            scorer = SegmentScorer(model, x, self.fill_values(x), target, ids)
+            probe = torch.rand(PROBE_ROWS, count, generator=torch.Generator().manual_seed(SEED)) < 0.5
+            started = time.perf_counter()
+            scorer.score(probe)
+            per_pass = (time.perf_counter() - started) / PROBE_ROWS
+            check_duration(planned, per_pass, f"{self.spec} over {count} segments",
+                           f"fewer segments (e.g. --segments cubes:24 or slic:64) or fewer samples "
+                           f"({self.name}:{max(self.minimum_samples(count), self.samples // 4)})")
+            done = [0]
+
+            def value(keep: torch.Tensor) -> torch.Tensor:
+                scores = scorer.score(keep)
+                done[0] += len(keep)
+                progress(min(done[0], planned), planned, unit="coalitions")
+                return scores
+
+        generator = torch.Generator().manual_seed(SEED)
+        estimate = self.estimate(lambda keep: run_scored(value, keep), count, generator, model, x, target, ids)
+        parameters = {self.unit: self.samples, "segments": segments_text, "segment_count": count, "fill": self.fill,
+                      "seed": SEED, "map": "each segment's value spread evenly over its voxels (sums per segment)"}
+        extras = {**estimate.record(), "masked_passes": scorer.passes, "seconds_per_pass_probe": round(per_pass, 6)}
+        warning = self.warning(estimate)
+        if warning:
+            extras["warning"] = warning
+        return Attribution(paint_segments(estimate.values, ids), True, parameters, extras)
+
+
+def run_scored(value, keep: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(), full_float32():
+        return value(keep)
+
+
+class Shap(CoalitionMethod):
+    name = "shap"
+    label = "SHAP"
+    unit = "permutations"
+    default_samples = 8
+    demo_spec: ClassVar[str] = "shap:4"
+    summary = ("SHAP: Shapley values of segments by antithetic permutation sampling (option: N permutations[:FILL], "
+               "e.g. shap:16; segments: --segments)")
+
+    def minimum_samples(self, segments: int) -> int:
+        return 4  # two antithetic pairs: the least that gives a standard error
+
+    def planned_passes(self, segments: int) -> int:
+        return 2 + 2 * math.ceil(self.samples / 2) * (segments - 1)
+
+    def estimate(self, value, segments, generator, model, x, target, ids):
+        return shapley.permutation_shapley(value, segments, self.samples, generator)
+
+
+class KernelShap(CoalitionMethod):
+    name = "kernelshap"
+    label = "KernelSHAP"
+    in_demo: ClassVar[bool] = False  # the demo shows shap; a regression needs ≥ 2 S coalitions
+    default_samples = 1000
+    summary = "KernelSHAP: Shapley values of segments by weighted regression (option: N coalitions[:FILL], e.g. kernelshap:1000)"
+
+    def minimum_samples(self, segments: int) -> int:
+        return 2 * segments  # enough pairs for the regression and its standard errors
+
+    def planned_passes(self, segments: int) -> int:
+        return 2 + 2 * math.ceil(self.samples / 2)
+
+    def estimate(self, value, segments, generator, model, x, target, ids):
+        return shapley.kernel_shapley(value, segments, self.samples, generator)
+
+
+class LimeMethod(CoalitionMethod):
+    name = "lime"
+    label = "LIME"
+    signed = True
+    default_samples = 500
+    demo_spec: ClassVar[str] = "lime:300"
+    summary = f"LIME: sparse linear surrogate over segments (option: N coalitions[:FILL], e.g. lime:500); R² < {shapley.LIME_MIN_R2} is warned"
+
+    def minimum_samples(self, segments: int) -> int:
+        return segments + 1
+
+    def planned_passes(self, segments: int) -> int:
+        return self.samples + 2
+
+    def estimate(self, value, segments, generator, model, x, target, ids):
+        return shapley.lime_surrogate(value, segments, self.samples, generator)
+
+    def warning(self, estimate: shapley.Estimate) -> str | None:
+        return shapley.lime_warning(self.label, estimate.extras["r2"])
+
+
+class GuidedShap(CoalitionMethod):
+    name = "shap-guided"
+    label = "SHAP (gradient-guided)"
+    in_demo: ClassVar[bool] = False  # needs ≥ 8 S + 2 passes: too many for the demo's time
+    unit = "passes"
+    default_samples = 4000
+    summary = ("SHAP guided by gradient × input: unbiased Shapley sampling concentrated on the segments the "
+               "gradient points to (option: N passes[:FILL], e.g. shap-guided:4000)")
+
+    def minimum_samples(self, segments: int) -> int:
+        return 8 * segments + 2
+
+    def planned_passes(self, segments: int) -> int:
+        return self.samples
+
+    def estimate(self, value, segments, generator, model, x, target, ids):
+        guide = segment_sums(gradient_times_input(model, x, target)[0].sum(0), ids, segments)
+        return shapley.guided_shapley(value, segments, self.samples, generator, guide)
+
+
+METHODS = (Shap, KernelShap, LimeMethod, GuidedShap)
