@@ -10,7 +10,7 @@ from captum.attr import Occlusion as CaptumOcclusion
 from conftest import SMALL_DENSENET, blob_volume, save_spec_model
 from xaioverlay.explain import explain
 from xaioverlay.methods.occlusion import BRUTE_FORCE, Occlusion, Speedups
-from xaioverlay.methods.occlusion import boxes as box_ops
+from xaioverlay.methods import boxes as box_ops
 from xaioverlay.methods.occlusion.fill import fill_values
 from xaioverlay.methods.occlusion.options import Lengths, OccluderOptions
 from xaioverlay.models import load_model

@@ -16,7 +16,7 @@ from conftest import save_spec_model
 from xaioverlay.errors import ModelError
 from xaioverlay.explain import explain
 from xaioverlay.methods.occlusion import Occlusion
-from xaioverlay.methods.occlusion import scoring
+from xaioverlay.methods import masking
 from xaioverlay.methods.occlusion.options import Lengths, OccluderOptions
 from xaioverlay.models import load_model
 from xaioverlay.volumes import Geometry, Volume
@@ -114,19 +114,19 @@ def test_exact_occlusion_holds_one_windows_clean_pass_at_a_time(windowed, monkey
     alive: list = []  # weak references to the output of every clean pass made
     held: list[int] = []
 
-    class TrackedRun(scoring.IncrementalRun):
+    class TrackedRun(masking.IncrementalRun):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             alive.append(weakref.ref(self.output))
 
-    scores = scoring.IncrementalScorer.scores
+    scores = masking.IncrementalScorer.scores
 
-    def tracked_scores(self, boxes):
+    def tracked_scores(self, *args):
         held.append(sum(ref() is not None for ref in alive))
-        return scores(self, boxes)
+        return scores(self, *args)
 
-    monkeypatch.setattr(scoring, "IncrementalRun", TrackedRun)
-    monkeypatch.setattr(scoring.IncrementalScorer, "scores", tracked_scores)
+    monkeypatch.setattr(masking, "IncrementalRun", TrackedRun)
+    monkeypatch.setattr(masking.IncrementalScorer, "scores", tracked_scores)
     # a box target spanning several windows
     explanation = explain(model, [volume], [Occlusion(OccluderOptions(Lengths((4.0,) * 3), Lengths((4.0,) * 3)))],
                           "channel:1@box:-2,-2,1,-30,-30,10")

@@ -3,7 +3,7 @@
 PyTorch comes first and the right build matters (CUDA version vs. driver): when the PyTorch extension
 (SlicerPyTorch, module ``PyTorchUtils``) is installed, its logic picks and installs a build that
 matches the GPU driver; otherwise the user is asked, then ``pip`` installs the default build. The
-packages the engine imports that Slicer may lack (MONAI, SimpleITK, PyYAML, psutil) follow in one
+packages the engine imports that Slicer may lack (MONAI, SimpleITK, PyYAML, psutil, scikit-image) follow in one
 ``pip`` call, after one question.
 
 The installed PyTorch is never replaced: every ``pip`` call names the installed ``torch`` (and
@@ -43,6 +43,7 @@ PACKAGES = (
     ("SimpleITK", "SimpleITK>=2.3"),
     ("yaml", "PyYAML>=6"),
     ("psutil", "psutil>=5.8"),
+    ("skimage", "scikit-image>=0.22"),  # SLIC supervoxels (--segments slic:N)
 )
 #: Distributions kept at their installed version by every pip call.
 KEPT = ("torch", "numpy")

@@ -2,6 +2,6 @@
 
 from .adaptive import AdaptiveOcclusion
 from .method import Occlusion
-from .scoring import BRUTE_FORCE, Speedups
+from ..masking import BRUTE_FORCE, Speedups
 
 __all__ = ["AdaptiveOcclusion", "BRUTE_FORCE", "Occlusion", "Speedups"]

@@ -39,7 +39,7 @@ from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .method import Occlusion, run_record
 from .options import Lengths, OccluderOptions, parse_adaptive
-from .scoring import OcclusionScorer, Speedups
+from ..masking import BoxMasks, MaskedScorer, Speedups
 
 #: Most of the budget the coarsest level may take.
 COARSE_SHARE = 0.25
@@ -145,7 +145,7 @@ def compose_levels(levels: list[Level], finest_volume: int) -> torch.Tensor:
 
 
 def budget_reporter(progress: Progress, used: int, count: int, budget: int):
-    """``report(done, total)`` for one level's :meth:`OcclusionScorer.drops` (in window passes, several
+    """``report(done, total)`` for one level's :meth:`MaskedScorer.drops` (in window passes, several
     per occluder on a sliding-window model), shown as occluders of the budget: ``used`` before this
     level, ``count`` in it."""
     return lambda done, total: progress(used + (count * done // total if total else count), budget, unit="occluders")
@@ -190,10 +190,10 @@ class AdaptiveOcclusion(Occlusion):
                 key = self.options.fill if self.options.fill != "blur" else grid.box_size
                 if key not in scorers:
                     fill = fill_values(x, self.options.fill, grid.box_size)
-                    scorers[key] = OcclusionScorer(model, x, fill, target, self.speedups, self.batch_size)
+                    scorers[key] = MaskedScorer(model, x, fill, target, self.speedups, self.batch_size)
                 scorer = scorers[key]
                 boxes = grid.boxes(x.device)
-                reachable = scorer.reachable((boxes[:, 0], boxes[:, 1]))
+                reachable = scorer.reachable(BoxMasks(boxes[:, 0], boxes[:, 1]))
                 if number == 0:
                     chosen = reachable.nonzero().flatten()
                 else:
@@ -203,7 +203,8 @@ class AdaptiveOcclusion(Occlusion):
                 evaluated = ~reachable  # unreachable boxes drop nothing, known without a pass
                 evaluated[chosen] = True
                 drops = torch.zeros(len(grid), device=x.device)
-                drops[chosen] = scorer.drops((boxes[chosen, 0], boxes[chosen, 1]), budget_reporter(progress, used, len(chosen), budget))
+                drops[chosen] = scorer.drops(BoxMasks(boxes[chosen, 0], boxes[chosen, 1]),
+                                             budget_reporter(progress, used, len(chosen), budget)).float()
                 used += len(chosen)
                 results.append(Level(grid, drops, evaluated))
                 estimate = compose_levels(results, finest_volume)

@@ -14,10 +14,10 @@ from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .options import Lengths, OccluderOptions, parse_occlusion
-from .scoring import OcclusionScorer, Speedups
+from ..masking import BoxMasks, MaskedScorer, Speedups
 
 
-def run_record(scorer: OcclusionScorer) -> dict:
+def run_record(scorer: MaskedScorer) -> dict:
     """What an occlusion run measured about itself (for ``explanation.json``'s extras)."""
     record = {
         "clean_score": round(scorer.clean_score, 6),
@@ -37,7 +37,7 @@ def run_record(scorer: OcclusionScorer) -> dict:
 
 
 def progress_reporter(progress: Progress):
-    """``report(done, total)`` for :meth:`OcclusionScorer.drops`, in passes."""
+    """``report(done, total)`` for :meth:`MaskedScorer.drops`, in passes."""
     return lambda done, count: progress(done, count, unit="passes")
 
 
@@ -49,7 +49,7 @@ class Occlusion(Method):
     name = "occlusion"
     label = "Occlusion"
     signed = True
-    by_window = False  # not linear in the target: sliding windows are handled in .scoring
+    by_window = False  # not linear in the target: sliding windows are handled in ..masking
     summary = "Occlusion: target drop when a box is hidden (option: SIZE[/STRIDE][:FILL], voxels or mm, e.g. 16/8, 20mm/10mm:blur)"
     demo_spec: ClassVar[str] = "occlusion:16/8"
     DEFAULT_SIZE: ClassVar[Lengths] = Lengths((16.0, 16.0, 16.0))
@@ -87,8 +87,8 @@ class Occlusion(Method):
         grid = self.grid(x.shape[2:])
         with torch.inference_mode(), full_float32():
             fill = fill_values(x, self.options.fill, grid.box_size)
-            scorer = OcclusionScorer(model, x, fill, target, self.speedups, self.batch_size)
+            scorer = MaskedScorer(model, x, fill, target, self.speedups, self.batch_size)
             boxes = grid.boxes(x.device)
-            drops = scorer.drops((boxes[:, 0], boxes[:, 1]), progress_reporter(progress))
+            drops = scorer.drops(BoxMasks(boxes[:, 0], boxes[:, 1]), progress_reporter(progress)).float()
             importance, _ = mean_drop_map(drops.view(grid.counts), grid.axis_masks(x.device))
         return Attribution(importance.float(), True, self.parameters(grid, target), run_record(scorer))

@@ -1,6 +1,7 @@
-"""Exact incremental inference: run an occluded input through only what the occluder changes and the target needs.
+"""Exact incremental inference: run a perturbed input through only what the perturbation changes and the target needs.
 
-An occluder changes the input inside one box. Through a local layer (convolution, pooling,
+An occluder (or any perturbation: its box is the bounding box of the voxels it replaces) changes the
+input inside one box. Through a local layer (convolution, pooling,
 transposed convolution, per-voxel operations) the change stays inside a box that grows by the
 kernel's reach; only a global layer (global pooling, a linear head, instance normalisation, ...)
 spreads it everywhere. Conversely, a segmentation target reads only the output voxels of its region,
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -33,6 +34,9 @@ from . import boxes as bx
 from .boxes import Box
 
 log = logging.getLogger(__name__)
+
+#: ``paint(low (B, 3), size)`` → (B, C, *size): each perturbed input inside the boxes ``[low, low + size)``.
+Painter = Callable[[torch.Tensor, tuple], torch.Tensor]
 
 INPUT, CONST, WINDOW, TRANSPOSED, POINTWISE, CAT, GLOBAL = "input", "const", "window", "transposed", "pointwise", "cat", "global"
 
@@ -349,13 +353,12 @@ class IncrementalRun:
             return clean.expand(batch, *clean.shape[1:]) if isinstance(clean, torch.Tensor) and clean.shape[:1] == (1,) else clean
         return value
 
-    def evaluate(self, occluders: Box, fill: torch.Tensor, clean_x: torch.Tensor) -> Patch | torch.Tensor | None:
-        """The network output for each occluded input.
+    def evaluate(self, occluders: Box, paint: Painter) -> Patch | torch.Tensor | None:
+        """The network output for each perturbed input.
 
         Args:
-            occluders: boxes in the input's voxels, ((B, 3), (B, 3)).
-            fill: (1, C, X, Y, Z) values pasted inside the boxes.
-            clean_x: (1, C, X, Y, Z) the clean input.
+            occluders: per item the box of input voxels its perturbation changes, ((B, 3), (B, 3)).
+            paint: each perturbed input inside boxes ``[low, low + size)`` (see :data:`Painter`).
         Returns:
             a :class:`Patch` of a spatial output, a (B, ...) tensor of a non-spatial output, or None
             when no occluder changes the output.
@@ -372,7 +375,7 @@ class IncrementalRun:
                 if not bool(valid.any()):
                     continue
             if step.kind == INPUT:
-                values = bx.paste_fill(bx.read_box(clean_x, low, size), low, fill, bx.clip(occluders, step.shape))
+                values = paint(low, size)
             elif step.kind == WINDOW:
                 values = self._window(step, patches, low, size)
             elif step.kind == TRANSPOSED:
