@@ -114,7 +114,8 @@ class CoalitionMethod(Method):
         raise NotImplementedError
 
     def estimate(self, value, segments: int, generator: torch.Generator, model: LoadedModel, x: torch.Tensor,
-                 target: Target, ids: torch.Tensor) -> shapley.Estimate:
+                 target: Target, ids: torch.Tensor, players: torch.Tensor) -> shapley.Estimate:
+        """Run the estimator on ``value`` over ``segments`` players: the segments ``players`` (S',) of ``ids``."""
         raise NotImplementedError
 
     def warning(self, estimate: shapley.Estimate) -> str | None:
@@ -156,39 +157,54 @@ class CoalitionMethod(Method):
 
         ids, segments_text = self.make_ids(x)
         count = int(ids.max()) + 1
-        self.check_samples(count)
-        planned = self.planned_passes(count)
         with torch.inference_mode(), full_float32():
             scorer = SegmentScorer(model, x, self.fill_values(x), target, ids)
-            probe = torch.rand(PROBE_ROWS, count, generator=torch.Generator().manual_seed(SEED)) < 0.5
-            started = time.perf_counter()
-            scorer.score(probe)
-            per_pass = (time.perf_counter() - started) / PROBE_ROWS
-            check_duration(planned, per_pass, f"{self.spec} over {count} segments",
-                           f"fewer segments (e.g. --segments cubes:24 or slic:64) or fewer samples "
-                           f"({self.name}:{max(self.minimum_samples(count), self.samples // 4)})")
-            done = [0]
+            players = scorer.reachable_segments().cpu().nonzero().flatten()
+        active = len(players)
+        if active < 2:  # no sampling: a lone segment that reaches the target gets the whole difference
+            full, empty = scorer.full_score, scorer.empty_score
+            values = torch.zeros(count, dtype=torch.float64)
+            values[players] = full - empty
+            extras = {"passes": scorer.passes, "full_score": full, "empty_score": empty, "sum_values": float(values.sum()),
+                      "score_difference": full - empty, "segments_reaching_target": active}
+            return Attribution(paint_segments(values, ids), True, {"segments": segments_text, "segment_count": count},
+                               extras)
+        self.check_samples(active)
+        planned = self.planned_passes(active)
+        done = [0]
 
-            def value(keep: torch.Tensor) -> torch.Tensor:
-                scores = scorer.score(keep)
-                done[0] += len(keep)
-                progress(min(done[0], planned), planned, unit="coalitions")
-                return scores
+        def value(keep: torch.Tensor) -> torch.Tensor:
+            """The game of the segments that can reach the target: (B, S') → (B,); the others stay kept."""
+            whole = torch.ones((len(keep), count), dtype=torch.bool)
+            whole[:, players] = keep.cpu()
+            with torch.inference_mode(), full_float32():
+                scores = scorer.score(whole)
+            done[0] += len(keep)
+            progress(min(done[0], planned), planned, unit="coalitions")
+            return scores
 
-        generator = torch.Generator().manual_seed(SEED)
-        estimate = self.estimate(lambda keep: run_scored(value, keep), count, generator, model, x, target, ids)
+        probe = torch.rand(PROBE_ROWS, active, generator=torch.Generator().manual_seed(SEED)) < 0.5
+        started = time.perf_counter()
+        value(probe)
+        per_pass = (time.perf_counter() - started) / PROBE_ROWS
+        check_duration(planned, per_pass, f"{self.spec} over {active} segments",
+                       f"fewer segments (e.g. --segments cubes:24 or slic:64) or fewer samples "
+                       f"({self.name}:{max(self.minimum_samples(active), self.samples // 4)})")
+        estimate = self.estimate(value, active, torch.Generator().manual_seed(SEED), model, x, target,
+                                 ids, players)
+        values = torch.zeros(count, dtype=torch.float64).index_copy_(0, players, estimate.values)
+        record = estimate.record()
+        if estimate.standard_errors is not None:
+            errors = torch.zeros(count, dtype=torch.float64).index_copy_(0, players, estimate.standard_errors)
+            record["standard_errors"] = [round(float(e), 8) for e in errors]
         parameters = {self.unit: self.samples, "segments": segments_text, "segment_count": count, "fill": self.fill,
                       "seed": SEED, "map": "each segment's value spread evenly over its voxels (sums per segment)"}
-        extras = {**estimate.record(), "masked_passes": scorer.passes, "seconds_per_pass_probe": round(per_pass, 6)}
+        extras = {**record, "segments_reaching_target": active, "masked_passes": scorer.passes,
+                  "seconds_per_pass_probe": round(per_pass, 6)}
         warning = self.warning(estimate)
         if warning:
             extras["warning"] = warning
-        return Attribution(paint_segments(estimate.values, ids), True, parameters, extras)
-
-
-def run_scored(value, keep: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode(), full_float32():
-        return value(keep)
+        return Attribution(paint_segments(values, ids), True, parameters, extras)
 
 
 class Shap(CoalitionMethod):
@@ -206,7 +222,7 @@ class Shap(CoalitionMethod):
     def planned_passes(self, segments: int) -> int:
         return 2 + 2 * math.ceil(self.samples / 2) * (segments - 1)
 
-    def estimate(self, value, segments, generator, model, x, target, ids):
+    def estimate(self, value, segments, generator, model, x, target, ids, players):
         return shapley.permutation_shapley(value, segments, self.samples, generator)
 
 
@@ -223,7 +239,7 @@ class KernelShap(CoalitionMethod):
     def planned_passes(self, segments: int) -> int:
         return 2 + 2 * math.ceil(self.samples / 2)
 
-    def estimate(self, value, segments, generator, model, x, target, ids):
+    def estimate(self, value, segments, generator, model, x, target, ids, players):
         return shapley.kernel_shapley(value, segments, self.samples, generator)
 
 
@@ -241,7 +257,7 @@ class LimeMethod(CoalitionMethod):
     def planned_passes(self, segments: int) -> int:
         return self.samples + 2
 
-    def estimate(self, value, segments, generator, model, x, target, ids):
+    def estimate(self, value, segments, generator, model, x, target, ids, players):
         return shapley.lime_surrogate(value, segments, self.samples, generator)
 
     def warning(self, estimate: shapley.Estimate) -> str | None:
@@ -263,8 +279,8 @@ class GuidedShap(CoalitionMethod):
     def planned_passes(self, segments: int) -> int:
         return self.samples
 
-    def estimate(self, value, segments, generator, model, x, target, ids):
-        guide = segment_sums(gradient_times_input(model, x, target)[0].sum(0), ids, segments)
+    def estimate(self, value, segments, generator, model, x, target, ids, players):
+        guide = segment_sums(gradient_times_input(model, x, target)[0].sum(0), ids, int(ids.max()) + 1)[players]
         return shapley.guided_shapley(value, segments, self.samples, generator, guide)
 
 
