@@ -98,3 +98,26 @@ def test_segment_methods_are_in_the_method_catalogue_the_slicer_module_lists(une
     for name in ("shap", "kernelshap", "lime", "shap-guided"):
         assert catalogue[name]["allowed"], catalogue[name]
     assert catalogue["shap"]["signed"] and catalogue["lime"]["spec"].startswith("lime")
+
+
+BN_UNET = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16],
+                                    "strides": [2, 2], "num_res_units": 1, "norm": "batch"}}
+
+
+def test_segments_out_of_the_target_s_reach_get_exactly_zero_and_cost_no_samples(tmp_path):
+    """A point target at one end of a long volume: the segments beyond the receptive field are dummy players
+    (value 0, standard error 0); the game of the others still sums to the score difference."""
+    model = load_model(save_spec_model(tmp_path / "bn", BN_UNET, task="segmentation", class_names=["b", "t"]),
+                       device="cpu")
+    geometry = Geometry((160, 16, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    centre = geometry.ijk_to_ras_points(np.array([[6.0, 8.0, 8.0]]))[0]
+    volume = blob_volume(geometry, centre, 4.0, value=2.0, noise=0.3)
+    result = explain(model, [volume], ["shap:4"], f"channel:t@point:{centre[0]},{centre[1]},{centre[2]},2").results[0]
+    extras, count = result.extras, result.parameters["segment_count"]
+    reaching = extras["segments_reaching_target"]
+    assert 2 <= reaching < count == 10
+    errors = np.array(extras["standard_errors"])
+    sums = [float(result.model_grid_map[16 * s:16 * (s + 1)].sum()) for s in range(count)]
+    assert all(v == 0 for v in sums[reaching:]) and (errors[reaching:] == 0).all()
+    assert extras["sum_values"] == pytest.approx(extras["score_difference"], rel=1e-6)
+    assert extras["passes"] == 2 + 4 * (reaching - 1)
