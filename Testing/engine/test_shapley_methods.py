@@ -121,3 +121,23 @@ def test_segments_out_of_the_target_s_reach_get_exactly_zero_and_cost_no_samples
     assert all(v == 0 for v in sums[reaching:]) and (errors[reaching:] == 0).all()
     assert extras["sum_values"] == pytest.approx(extras["score_difference"], rel=1e-6)
     assert extras["passes"] == 2 + 4 * (reaching - 1)
+
+
+def test_shap_over_a_label_volume_given_in_the_method_spec_equals_the_two_player_shapley_values(unet, tmp_path):
+    """``shap:4:labels:PATH``: two segments (label 0 and the blob); antithetic orders cover both orders of two
+    players, so the values are exact: φ_blob = ½ (v(blob) − v(∅) + v(both) − v(background))."""
+    volume = blob()
+    labels = volume.__class__((volume.array > 1.0).astype(np.uint8), volume.geometry, "blob labels")
+    path = write_volume(labels, tmp_path / "labels.nrrd")
+    explanation = explain(unet, [volume], [f"shap:4:labels:{path}"], "channel:tumour")
+    result = explanation.results[0]
+    x, target = explanation.model_input.tensor, explanation.resolved_target
+    inside = torch.from_numpy(labels.array > 0)[None, None]
+
+    def v(keep: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(target(unet.forward(torch.where(keep, x, torch.zeros(())))))
+
+    blob_value = 0.5 * (v(inside) - v(torch.zeros_like(inside)) + v(torch.ones_like(inside)) - v(~inside))
+    assert result.parameters["segment_count"] == 2
+    assert float(result.model_grid_map[inside[0, 0]].double().sum()) == pytest.approx(blob_value, rel=1e-4, abs=1e-5)

@@ -2,8 +2,8 @@
 
 Specs: ``shap[:N]`` (N permutations, antithetic pairs), ``kernelshap[:N]`` (N coalitions), ``lime[:N]``
 (N coalitions), ``shap-guided[:N]`` (a budget of N model passes); each may add ``:FILL`` (``zero``,
-``mean`` or ``blur``: what replaces a left-out segment). The segments come from ``--segments`` (see
-:mod:`xaioverlay.segments`); without it, :data:`DEFAULT_SEGMENTS`.
+``mean`` or ``blur``: what replaces a left-out segment) and, last, its own segments (``shap:4:cubes:32``).
+Otherwise the segments come from ``--segments`` (see :mod:`xaioverlay.segments`), else :data:`DEFAULT_SEGMENTS`.
 
 The map: a segment's value spread evenly over its voxels (value / voxel count), so the map is additive —
 its sum over a segment is the segment's Shapley value (or LIME coefficient) on every grid, and the sum
@@ -54,18 +54,30 @@ def paint_segments(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor
     return density[ids].view(segments.shape).float()
 
 
-def parse_coalition_option(option: str | None, name: str) -> tuple[int | None, str]:
-    """``[N][:FILL]`` (either order) → (sample count or None, fill)."""
-    usage = f"use {name}:N[:FILL], e.g. {name}:{CoalitionMethod.REGISTERED_DEFAULTS.get(name, 100)} (FILL: {', '.join(FILLS)})"
-    samples, fill = None, None
-    for field in [f.strip().lower() for f in option.split(":")] if option else []:
+def parse_coalition_option(option: str | None, name: str) -> tuple[int | None, str, str | None]:
+    """``[N][:FILL][:SEGMENTS]`` → (sample count or None, fill, segment spec or None).
+
+    N and FILL in either order; SEGMENTS (``cubes:32``, ``slic:64``, ``labels:PATH``; see
+    :mod:`xaioverlay.segments`) comes last and overrides ``--segments`` for this method.
+    """
+    from ..segments import KINDS, parse_segments
+
+    usage = (f"use {name}:N[:FILL][:SEGMENTS], e.g. {name}:{CoalitionMethod.REGISTERED_DEFAULTS.get(name, 100)} or "
+             f"{name}:{CoalitionMethod.REGISTERED_DEFAULTS.get(name, 100)}:cubes:32 (FILL: {', '.join(FILLS)})")
+    samples, fill, segments = None, None, None
+    fields = [f.strip() for f in option.split(":")] if option else []
+    for number, field in enumerate(fields):
+        if field.lower() in KINDS:
+            segments = ":".join(fields[number:])
+            parse_segments(segments)  # a bad spec is refused now, before any work
+            break
         if field.isdigit() and samples is None:
             samples = int(field)
-        elif field in FILLS and fill is None:
-            fill = field
+        elif field.lower() in FILLS and fill is None:
+            fill = field.lower()
         else:
             raise InputError(f"{name}:{option}: cannot read {field!r}; {usage}")
-    return samples, fill or "zero"
+    return samples, fill or "zero", segments
 
 
 class CoalitionMethod(Method):
@@ -95,13 +107,13 @@ class CoalitionMethod(Method):
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "CoalitionMethod":
-        samples, fill = parse_coalition_option(option, cls.name)
-        return cls(samples, fill)
+        samples, fill, segments = parse_coalition_option(option, cls.name)
+        return cls(samples, fill, segments)
 
     @property
     def spec(self) -> str:
         parts = ([str(self.samples)] if self.samples != self.default_samples else []) + (
-            [self.fill] if self.fill != "zero" else [])
+            [self.fill] if self.fill != "zero" else []) + ([self.segments] if self.segments else [])
         return f"{self.name}:{':'.join(parts)}" if parts else self.name
 
     # -- what each method says ------------------------------------------------------------------------
@@ -123,22 +135,24 @@ class CoalitionMethod(Method):
         return None
 
     # -- shared -----------------------------------------------------------------------------------------
-    def make_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from)."""
-        from ..segments import cube_ids, parse_segments, relabel, slic_ids
+    def prepare_input(self, model_input) -> None:
+        """Make the segments on the model grid (label volumes need the input's geometry)."""
+        from ..segments import make_segments, parse_segments
 
-        if self.segment_ids is not None:
-            return self.segment_ids.to(x.device), self.segments or "given"
+        self.segment_ids = make_segments(parse_segments(self.segments or DEFAULT_SEGMENTS), model_input)
+
+    def make_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from); without :meth:`prepare_input`
+        (a direct call), cubes on ``x``'s grid."""
+        from ..segments import cube_ids, parse_segments
+
         text = self.segments or DEFAULT_SEGMENTS
+        if self.segment_ids is not None:
+            return self.segment_ids.to(x.device), text
         spec = parse_segments(text)
-        spacing = self.spacing_mm or (1.0, 1.0, 1.0)
-        if spec.kind == "cubes":
-            ids = cube_ids(tuple(x.shape[2:]), spec.size.voxels(spacing, "segment cube"))
-        elif spec.kind == "slic":
-            ids = torch.from_numpy(relabel(slic_ids(x[0].float().cpu().numpy(), spec.count, spec.compactness, spacing)))
-        else:
-            raise InputError(f"{self.label}: a label volume needs the input's geometry; run it through explain()")
-        return ids.to(x.device), text
+        if spec.kind != "cubes":
+            raise InputError(f"{self.label}: {text} segments need the input volume; run it through explain()")
+        return cube_ids(tuple(x.shape[2:]), spec.size.voxels(self.spacing_mm or (1.0, 1.0, 1.0))).to(x.device), text
 
     def fill_values(self, x: torch.Tensor) -> torch.Tensor:
         from ..baselines import baseline
@@ -212,7 +226,7 @@ class Shap(CoalitionMethod):
     label = "SHAP"
     unit = "permutations"
     default_samples = 8
-    demo_spec: ClassVar[str] = "shap:4"
+    demo_spec: ClassVar[str] = "shap:4:cubes:32"
     summary = ("SHAP: Shapley values of segments by antithetic permutation sampling (option: N permutations[:FILL], "
                "e.g. shap:16; segments: --segments)")
 
@@ -248,7 +262,7 @@ class LimeMethod(CoalitionMethod):
     label = "LIME"
     signed = True
     default_samples = 500
-    demo_spec: ClassVar[str] = "lime:300"
+    demo_spec: ClassVar[str] = "lime:40:cubes:32"
     summary = f"LIME: sparse linear surrogate over segments (option: N coalitions[:FILL], e.g. lime:500); R² < {shapley.LIME_MIN_R2} is warned"
 
     def minimum_samples(self, segments: int) -> int:
