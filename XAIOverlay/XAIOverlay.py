@@ -79,6 +79,7 @@ class XAIOverlayParameterNode:
     device: Device = Device.Auto
     methods: str = "gradcam,lrp,occlusion"
     camLayer: str = ""
+    segments: str = ""
     targetClass: str = ""
     targetRegion: Region = Region.Predicted
     targetSegmentation: vtkMRMLSegmentationNode

@@ -123,7 +123,8 @@ def test_removed_boxes_bound_the_removed_segments_only():
 def test_voxels_outside_every_segment_are_kept():
     keep = torch.tensor([[True, False], [False, True]])
     ids = torch.tensor([[0, 1, -1], [0, 1, -1]])
-    assert kept_voxels(keep, ids).tolist() == [[True, False, True], [False, True, True]]
+    assert kept_voxels(keep, ids[:, None, None]).flatten(1).tolist() == [[True, False, True], [False, True, True]]
+    assert kept_voxels(keep, ids[0][None, None]).flatten(1).tolist() == [[True, False, True], [False, True, True]]
 
 
 def test_scorer_refuses_segments_on_another_grid(segmenter):

@@ -27,6 +27,7 @@ import numpy as np
 
 MAP_FILE = "map.nrrd"
 RECORD_FILE = "record.json"
+SEGMENTS_FILE = "segments.nrrd"  # the segments a perturbation map was computed over, when it used some
 
 
 def model_fingerprint(path: str | os.PathLike, options: dict | None = None) -> str:
@@ -97,6 +98,12 @@ class CachedMap:
     path: Path
     record: dict
 
+    @property
+    def segments(self) -> Path | None:
+        """The label volume of the segments the map was computed over, or None."""
+        path = self.path.with_name(SEGMENTS_FILE)
+        return path if path.is_file() else None
+
 
 class MapCache:
     """The on-disk cache; ``root`` is created on first use. Beyond ``max_bytes`` the least recently
@@ -121,13 +128,17 @@ class MapCache:
         os.utime(folder)  # recently used
         return CachedMap(key, path, record)
 
-    def put(self, key: str, volume_file: str | os.PathLike, record: dict) -> CachedMap:
-        """Store a copy of ``volume_file`` with its record; an existing entry is replaced."""
+    def put(self, key: str, volume_file: str | os.PathLike, record: dict,
+            segments_file: str | os.PathLike | None = None) -> CachedMap:
+        """Store a copy of ``volume_file`` (and of its ``segments_file``) with its record; an existing entry
+        is replaced."""
         folder = self.folder(key)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=folder.parent))
         try:
             shutil.copyfile(volume_file, staging / MAP_FILE)
+            if segments_file is not None:
+                shutil.copyfile(segments_file, staging / SEGMENTS_FILE)
             (staging / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             if folder.exists():
                 shutil.rmtree(folder)

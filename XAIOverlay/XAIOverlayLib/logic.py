@@ -51,6 +51,7 @@ class ExplainRequest:
     reference: object = None  # segmentation node for localisation (None: the model's own segmentation)
     amp: bool = False  # mixed precision on CUDA
     model_options: dict = field(default_factory=dict)  # nnU-Net folders: {"folds": "0,1"}
+    segments: str = ""  # features of perturbation methods (xaioverlay.segments), "" for each method's own
 
 
 _JOB_NUMBERS = itertools.count(1)
@@ -105,7 +106,8 @@ def cache_keys(request: ExplainRequest, info: dict, digest: str, target_text: st
     fingerprint = model_fingerprint(request.model, request.model_options)
     device = request.device if request.device != "auto" else info.get("device", "auto")  # "auto" as resolved
     run = {"device": device, "amp": request.amp}
-    keys = {spec: cache_key(digest, fingerprint, spec, target_text, request.score, request.layer, measured, **run)
+    keys = {spec: cache_key(digest, fingerprint, f"{spec} segments={request.segments}" if request.segments else spec,
+                            target_text, request.score, request.layer, measured, **run)
             for spec in request.methods}
     return keys, segmentation_key(digest, fingerprint, **run) if info["task"] == "segmentation" else None
 
@@ -136,7 +138,8 @@ def request_from_parameters(parameters) -> ExplainRequest:
     methods = [spec.strip() for spec in parameters.methods.split(",") if spec.strip()]
     return ExplainRequest(volumes, model_path(parameters), methods, target, parameters.score.value,
                           parameters.camLayer.strip(), parameters.device.value, parameters.measureQuality,
-                          parameters.referenceSegmentation, model_options(parameters))
+                          parameters.referenceSegmentation, model_options(parameters),
+                          segments=parameters.segments.strip())
 
 
 def model_options(parameters) -> dict:
@@ -319,6 +322,7 @@ class OverlayLogic:
             "methods": methods, "target": target_spec, "score": request.score, "layer": request.layer or None,
             "out": str(job.workdir / "out"), "segmentation": bool(job.segmentation_key),
             "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask, "amp": bool(request.amp),
+            "segments": request.segments or None,
         })
 
     def prefetch(self, case: case_list.Case, template: ExplainRequest) -> Job | None:
@@ -509,7 +513,8 @@ class OverlayLogic:
             stored = {}
             for spec, method in zip(job.sent, record["methods"]):
                 record_of_map = {**method, **run, "request_spec": spec}
-                stored[spec] = self.cache.put(job.keys[spec], out / method["file"], record_of_map)
+                segments = out / method["segments"]["file"] if "segments" in method else None
+                stored[spec] = self.cache.put(job.keys[spec], out / method["file"], record_of_map, segments)
             segmentation = None
             if event.get("segmentation") and job.segmentation_key:
                 model = {"model": record.get("model")}
@@ -576,8 +581,43 @@ class OverlayLogic:
             passes=record.get("passes", {}), signed=bool(record.get("signed")), record=record,
         )
         colours.style_map(self.scene, node, bool(record.get("signed")), self.percentile, self._levels)
-        nodes.place_in_folder(self.scene, node, nodes.xai_folder(self.scene, anatomy, model_display_name(model)))
+        folder = nodes.xai_folder(self.scene, anatomy, model_display_name(model))
+        nodes.place_in_folder(self.scene, node, folder)
+        self._segments_node(anatomy, node, cached, folder)
         return node
+
+    def _segments_node(self, anatomy, map_node, cached, folder: int) -> None:
+        """The segments a perturbation map was computed over, as outlines (one segmentation node per map,
+        replaced with it); its ID is the map node's ``segments`` attribute."""
+        old = nodes.owned_nodes(self.scene, nodes.SEGMENTS, map=map_node.GetID())
+        nodes.remove_nodes(self.scene, old)
+        if cached.segments is None:
+            map_node.RemoveAttribute(f"{nodes.PREFIX}segments")
+            return
+        spec = (cached.record.get("segments") or {}).get("spec", "")
+        segments = self._outline_from_labelmap(cached.segments, f"{map_node.GetName()} · segments {spec}".strip(),
+                                               anatomy)
+        nodes.set_attributes(segments, role=nodes.SEGMENTS, source=anatomy.GetID(), map=map_node.GetID(), spec=spec)
+        nodes.set_attributes(map_node, segments=segments.GetID())
+        nodes.place_in_folder(self.scene, segments, folder)
+
+    def _outline_from_labelmap(self, path, name: str, anatomy):
+        """A label volume file as a segmentation node drawn as outlines, under the volume's parent
+        transform like the maps (it is computed in the volume's own frame)."""
+        labelmap = nodes.add_volume_from_file(self.scene, path, "labels", labelmap=True)
+        segmentation = slicer.vtkMRMLSegmentationNode()
+        segmentation.SetName(name)
+        self.scene.AddNode(segmentation)
+        segmentation.CreateDefaultDisplayNodes()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        nodes.remove_nodes(self.scene, [labelmap])
+        segmentation.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())  # after the import: no resampling
+        for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
+            segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
+        display = segmentation.GetDisplayNode()
+        display.SetVisibility2DFill(0)
+        display.SetVisibility2DOutline(1)
+        return segmentation
 
     def _segmentation_node(self, anatomy, cached, model: str):
         """The model's predicted segmentation as a segmentation node (drawn as an outline), under the
@@ -587,16 +627,8 @@ class OverlayLogic:
             found[0].SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())
             return found[0]
         nodes.remove_nodes(self.scene, nodes.owned_nodes(self.scene, nodes.SEGMENTATION, source=anatomy.GetID()))
-        labelmap = nodes.add_volume_from_file(self.scene, cached.path, "model segmentation", labelmap=True)
-        segmentation = slicer.vtkMRMLSegmentationNode()
-        segmentation.SetName(f"{anatomy.GetName()} · {model_display_name(model)} segmentation")
-        self.scene.AddNode(segmentation)
-        segmentation.CreateDefaultDisplayNodes()
-        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-        nodes.remove_nodes(self.scene, [labelmap])
-        segmentation.SetAndObserveTransformNodeID(anatomy.GetTransformNodeID())  # after the import: no resampling
-        for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # outlines apart from the heat colours
-            segmentation.GetSegmentation().GetNthSegment(index).SetColor(*SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
+        segmentation = self._outline_from_labelmap(
+            cached.path, f"{anatomy.GetName()} · {model_display_name(model)} segmentation", anatomy)
         nodes.set_attributes(segmentation, role=nodes.SEGMENTATION, source=anatomy.GetID(), key=cached.key)
         nodes.place_in_folder(self.scene, segmentation, nodes.xai_folder(self.scene, anatomy, model_display_name(model)))
         return segmentation

@@ -22,7 +22,7 @@ from .cache import file_digest, volume_digest
 #: Prefix of every node attribute the module sets.
 PREFIX = "XAIOverlay."
 #: ``XAIOverlay.role`` values of the nodes the module owns.
-MAP, SEGMENTATION, TABLE, COLOUR, CASE = "map", "segmentation", "table", "colour", "case"
+MAP, SEGMENTATION, SEGMENTS, TABLE, COLOUR, CASE = "map", "segmentation", "segments", "table", "colour", "case"
 
 
 # --- attributes --------------------------------------------------------------------------------

@@ -111,6 +111,10 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     methods = "\n".join(f"  {cls.name:<12} {cls.summary}" for cls in REGISTRY.values())
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods, NAME or NAME:OPTION (default: all the model allows):\n{methods}")
+    parser.add_argument("--segments", default=None, metavar="SPEC",
+                        help="features of perturbation methods (occlusion, SHAP, LIME): cubes:SIZE (voxels or mm, "
+                             "e.g. cubes:16, cubes:12mm), slic:COUNT[,compactness=C] (3D supervoxels) or labels:FILE "
+                             "(a label volume, one segment per label; 0 = everything else); default: each method's own")
     parser.add_argument("--target", default=None, help=TARGET_HELP)
     parser.add_argument("--score", default="logit", choices=("logit", "probability"),
                         help="explain the logit (default) or the probability after the model's activation")
@@ -202,7 +206,8 @@ def run_explain(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     model = load_model(args.model, device=args.device, amp=args.amp, **model_options(args))
     volumes = read_volumes(args.input)
     methods = args.methods or demo_methods(model)
-    explanation = explain(model, volumes, methods, args.target, score=args.score, layer=args.layer, progress=Progress(printer))
+    explanation = explain(model, volumes, methods, args.target, score=args.score, layer=args.layer,
+                          segments=args.segments, progress=Progress(printer))
     written = write_outputs(explanation, args.out, montage=not args.no_montage)
     printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()},
                    warnings=explanation.warnings())
@@ -239,7 +244,7 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     body = read_volume(args.body_mask) if args.body_mask else None
     methods = args.methods or demo_methods(model)
     evaluation = evaluate(model, volumes, methods, args.target, score=args.score, layer=args.layer,
-                          reference_mask=reference, body_mask=body, options=options, progress=Progress(printer))
+                          segments=args.segments, reference_mask=reference, body_mask=body, options=options, progress=Progress(printer))
     written = write_evaluation(evaluation, args.out)
     printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()},
                    warnings=evaluation.explanation.warnings())

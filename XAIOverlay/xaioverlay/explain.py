@@ -19,6 +19,7 @@ from .memory import out_of_memory_as_error
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
 from .prediction import Prediction, predict
 from .progress import NO_PROGRESS, Progress
+from .segments import make_segments, parse_segments, segments_on_input_grid
 from .targets import Target, TargetSpec, resolve_target, target_channel, target_value
 from .volumes import Volume, resample_additive, resample_array
 
@@ -57,6 +58,10 @@ class MethodResult:
     memory_kind: str
     passes: dict
     extras: dict = field(default_factory=dict)
+    #: The segments a perturbation method kept or filled, on the same grid as ``volume``: labels 1..S
+    #: (segment id + 1; 0 where the model grid does not reach), or None; ``segment_spec``: what made them.
+    segments: Volume | None = None
+    segment_spec: str | None = None
     #: Values of the method's map on the model grid that were NaN, +inf or -inf; they are written as 0.
     non_finite: dict = field(default_factory=lambda: {"nan": 0, "posinf": 0, "neginf": 0})
 
@@ -83,6 +88,8 @@ class MethodResult:
             "value_range": [float(values.min()), float(values.max())],
             "non_finite": dict(self.non_finite),
             **({"extras": self.extras} if self.extras else {}),
+            **({"segments": {"spec": self.segment_spec, "count": int(self.segments.array.max())}}
+               if self.segments is not None else {}),
         }
 
 
@@ -261,6 +268,7 @@ def explain(
     *,
     score: str = "logit",
     layer: str | None = None,
+    segments: str | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> Explanation:
     """Explain ``model``'s output for ``volumes`` with each of ``methods``.
@@ -271,6 +279,8 @@ def explain(
         target: target spec (see :mod:`xaioverlay.targets`); None → the default target.
         score: ``"logit"`` or ``"probability"``.
         layer: default layer for CAM methods (None → automatic).
+        segments: segment spec for perturbation methods (see :mod:`xaioverlay.segments`); None → each
+            method's default (occlusion: its boxes).
         progress: receives progress events; may raise ``Cancelled``.
 
     Returns:
@@ -279,13 +289,26 @@ def explain(
     if isinstance(methods, str) or (methods and isinstance(methods[0], str)):
         methods = build_methods(methods, layer=layer)
     with out_of_memory_as_error(model.device, "explaining this volume"):
-        return _explain(model, volumes, methods, target, score, progress)
+        return _explain(model, volumes, methods, target, score, segments, progress)
+
+
+def give_segments(methods: Sequence[Method], spec: str | None, model_input: ModelInput) -> None:
+    """Set each segment-using method's :attr:`~.methods.base.Method.segments` (from ``spec`` or its default;
+    one segmentation per distinct spec); bad specs and files are refused here, before any model work."""
+    made: dict[str, torch.Tensor] = {}
+    given = parse_segments(spec).text() if spec else None
+    for method in methods:
+        text = (given or method.default_segments) if method.uses_segments else None
+        if text and text not in made:
+            made[text] = make_segments(parse_segments(text), model_input)
+        method.segments, method.segment_spec = (made[text], text) if text else (None, None)
 
 
 def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Method], target: str | TargetSpec | None,
-             score: str, progress: Progress) -> Explanation:
+             score: str, segments: str | None, progress: Progress) -> Explanation:
     progress.message("preprocessing", stage="preprocess")
     model_input = model.preprocess(volumes)
+    give_segments(methods, segments, model_input)
     progress.message("inference", stage="inference")
     channel = target_channel(target, model)
     prediction = predict(model, model_input.tensor, channel, score, progress.child(stage="inference"))
@@ -313,6 +336,10 @@ def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Me
                 parameters=attribution.parameters, seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                 memory_kind=cost.memory_kind, passes=model.passes.as_dict(),
                 extras={**attribution.extras, "input_grid": grid_record}, non_finite=non_finite,
+                segments=None if method.segments is None else Volume(
+                    segments_on_input_grid(method.segments, model_input), model_input.reference,
+                    f"{volumes[0].name} segments"),
+                segment_spec=method.segment_spec,
             )
         )
         log.info("%s: %.2f s, %s", method.label, cost.seconds, model.passes.as_dict())

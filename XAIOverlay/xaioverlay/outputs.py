@@ -1,4 +1,5 @@
-"""Writing a run's outputs: ``<method>.nrrd`` per map, ``explanation.json``, ``montage.png``.
+"""Writing a run's outputs: ``<method>.nrrd`` per map (and ``<method>_segments.nrrd`` beside the map of a
+method that kept or filled segments), ``explanation.json``, ``montage.png``.
 
 Everything is first written into a hidden staging folder inside the output folder and then renamed
 into place, so an interrupted run leaves no half-written file and never a partial set behind a
@@ -63,13 +64,19 @@ def write_outputs(explanation: Explanation, out: str | os.PathLike, *, montage: 
     try:
         taken: set[str] = set()
         files: dict[str, str] = {}
+        segment_files: dict[str, str] = {}
         for result in explanation.results:
             name = map_file_name(result.spec, taken)
             write_volume(result.volume, staging / name)
             files[result.spec] = name
+            if result.segments is not None:
+                segment_files[result.spec] = map_file_name(name[:-len(".nrrd")] + "_segments", taken)
+                write_volume(result.segments, staging / segment_files[result.spec])
         record = explanation.record()
         for entry in record["methods"]:
             entry["file"] = files[entry["spec"]]
+            if entry["spec"] in segment_files:
+                entry["segments"]["file"] = segment_files[entry["spec"]]
         if montage and explanation.results:
             render_montage(
                 explanation.anatomy,
@@ -79,7 +86,7 @@ def write_outputs(explanation: Explanation, out: str | os.PathLike, *, montage: 
             record["montage"] = "montage.png"
         write_json(record, staging / "explanation.json")
         written: dict[str, Path] = {}
-        order = [*files.values(), *(["montage.png"] if record.get("montage") else []), "explanation.json"]
+        order = [*files.values(), *segment_files.values(), *(["montage.png"] if record.get("montage") else []), "explanation.json"]
         (out / "explanation.json").unlink(missing_ok=True)  # a previous run's record must not vouch for new maps
         try:
             for name in order:  # explanation.json last: its presence means the set is complete

@@ -11,6 +11,7 @@ Requests::
      "model_options": {"folds": "0,1", "checkpoint": "final"},          # optional (nnU-Net folders)
      "inputs": [NRRD, ...], "methods": ["gradcam", ...], "target": "class:tumour" | null,
      "score": "logit", "layer": null, "out": DIR, "segmentation": true,
+     "segments": "slic:256" | null,                                   # optional (perturbation methods)
      "evaluate": false, "reference_mask": NRRD | null, "metric_options": {...}}
     {"command": "cancel", "target_id": "r2"}          # that request only; no target_id: whatever is running
     {"command": "shutdown"}
@@ -226,7 +227,8 @@ class Worker:
             explanation, metrics = self.evaluate(model, volumes, methods, target, score, layer, request,
                                                  Progress(report))
         else:
-            explanation = explain(model, volumes, methods, target, score=score, layer=layer, progress=Progress(report))
+            explanation = explain(model, volumes, methods, target, score=score, layer=layer,
+                                  segments=request.get("segments") or None, progress=Progress(report))
         self.check_cancelled()
         segmentation = None
         if request.get("segmentation") and model.task == SEGMENTATION:
@@ -251,7 +253,8 @@ class Worker:
         known = {f.name for f in dataclasses.fields(MetricOptions)}
         if set(given) - known:
             raise InputError(f"unknown metric option(s) {', '.join(sorted(set(given) - known))}; known: {', '.join(sorted(known))}")
-        evaluation = evaluate(model, volumes, methods, target, score=score, layer=layer, reference_mask=reference,
+        evaluation = evaluate(model, volumes, methods, target, score=score, layer=layer,
+                              segments=request.get("segments") or None, reference_mask=reference,
                               reference_from_model=reference is None, options=MetricOptions(**given), progress=progress)
         rows = evaluation.rows()
         table = [column for column in columns(rows) if column.key not in RECORDED_COSTS]

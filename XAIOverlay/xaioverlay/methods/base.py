@@ -54,6 +54,15 @@ class Method:
     spacing_mm: tuple[float, float, float] | None = None
     #: During a window-by-window run: the current window's slices of the padded grid (else None).
     window: tuple[slice, ...] | None = None
+    #: Perturbation methods that keep or fill *segments* (see :mod:`xaioverlay.segments`) set this; the
+    #: engine then sets :attr:`segments` before :meth:`prepare`, from ``--segments`` or :attr:`default_segments`.
+    uses_segments: ClassVar[bool] = False
+    #: Segment spec used when the user gives none (None: no segments, e.g. occlusion keeps its boxes).
+    default_segments: ClassVar[str | None] = None
+    #: (X, Y, Z) long segment ids 0..S-1 on the model grid, set by the engine (None: no segments).
+    segments: torch.Tensor | None = None
+    #: The spec :attr:`segments` were made from (e.g. ``"slic:256"``), set with them.
+    segment_spec: str | None = None
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "Method":

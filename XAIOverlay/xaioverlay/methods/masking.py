@@ -231,7 +231,13 @@ class _BoxesOnView:
 
     def painter(self, index: torch.Tensor) -> Painter:
         x, fill, boxes = self.view.x, self.view.fill, (self.boxes[0][index], self.boxes[1][index])
-        return lambda low, size: bx.paste_fill(bx.read_box(x, low, size), low, fill, boxes)
+
+        def paint(low: torch.Tensor, size: tuple) -> torch.Tensor:
+            if tuple(size) == tuple(x.shape[2:]):  # whole inputs: one mask, no per-item copies of x
+                return torch.where(bx.in_box(low, size, boxes)[:, None], fill, x)
+            return bx.paste_fill(bx.read_box(x, low, size), low, fill, boxes)
+
+        return paint
 
 
 @dataclass(frozen=True)
@@ -275,14 +281,17 @@ def kept_voxels(keep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
     Args:
         keep: (N, S) bool, True where coalition n keeps segment s.
-        ids: (N, *size) long segment ids (S, or any negative id: a voxel no coalition fills).
+        ids: (N, X, Y, Z) long segment ids per coalition, or (X, Y, Z) shared by all; S or any negative
+            id: a voxel no coalition fills.
     Returns:
-        (N, *size) bool.
+        (N, X, Y, Z) bool.
     """
     count = keep.shape[1]
     keep = torch.cat([keep, torch.ones_like(keep[:, :1])], 1)
-    flat = torch.where((ids < 0) | (ids >= count), count, ids).flatten(1)
-    return keep.gather(1, flat).view(ids.shape)
+    ids = torch.where((ids < 0) | (ids >= count), count, ids)
+    if ids.ndim == 3:
+        return keep[:, ids.flatten()].view(-1, *ids.shape)
+    return keep.gather(1, ids.flatten(1)).view(ids.shape)
 
 
 class _SegmentsOnView:
@@ -293,6 +302,8 @@ class _SegmentsOnView:
         x, fill, keep, ids = self.view.x, self.view.fill, self.keep[index], self.ids
 
         def paint(low: torch.Tensor, size: tuple) -> torch.Tensor:
+            if tuple(size) == tuple(x.shape[2:]):  # whole inputs: no per-item copies of x, fill or ids
+                return torch.where(kept_voxels(keep, ids[0, 0])[:, None], x, fill)
             kept = kept_voxels(keep, bx.read_box(ids, low, size, -1)[:, 0])[:, None]
             return torch.where(kept, bx.read_box(x, low, size), bx.read_box(fill, low, size))
 

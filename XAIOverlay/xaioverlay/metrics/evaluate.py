@@ -252,6 +252,7 @@ def evaluate(
     *,
     score: str = "logit",
     layer: str | None = None,
+    segments: str | None = None,
     reference_mask: Volume | None = None,
     reference_from_model: bool = False,
     body_mask: Volume | None = None,
@@ -261,6 +262,7 @@ def evaluate(
     """Explain ``volumes`` with each of ``methods`` (see :func:`~xaioverlay.explain.explain`) and measure every map.
 
     Args:
+        segments: segment spec for perturbation methods (see :mod:`xaioverlay.segments`).
         reference_mask: ground truth (or the model's own segmentation) for the localisation metrics;
             None skips them.
         reference_from_model: without ``reference_mask``, measure localisation against a segmenter's own
@@ -274,7 +276,7 @@ def evaluate(
     for given, what in ((reference_mask, "reference mask"), (body_mask, "body mask")):  # before minutes of explaining
         if given is not None and not (np.asarray(given.array) > 0).any():
             raise InputError(f"{what} {given.name or ''} is empty; give a mask with voxels > 0")
-    explanation = explain(model, volumes, built, target, score=score, layer=layer, progress=progress)
+    explanation = explain(model, volumes, built, target, score=score, layer=layer, segments=segments, progress=progress)
     own = explanation.segmentation() if reference_from_model and reference_mask is None else None
     if own is not None and (own.array > 0).any():
         reference_mask = Volume((own.array > 0).astype(np.uint8), own.geometry, "model segmentation")

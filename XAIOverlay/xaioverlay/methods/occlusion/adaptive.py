@@ -159,6 +159,7 @@ class AdaptiveOcclusion(Occlusion):
     summary = "Adaptive occlusion: coarse to fine under a budget of passes (option: BUDGET[:SIZE[/STRIDE]][:FILL], e.g. 400:8/4)"
     demo_spec: ClassVar[str] = "occlusion-adaptive:200:8/4"
     DEFAULT_SIZE: ClassVar[Lengths] = Lengths((8.0, 8.0, 8.0))
+    uses_segments: ClassVar[bool] = False  # its levels are box grids
 
     def __init__(self, budget: int | None = None, options: OccluderOptions | None = None, speedups: Speedups = Speedups(),
                  batch_size: int | None = None) -> None:

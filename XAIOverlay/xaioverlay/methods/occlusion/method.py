@@ -14,7 +14,7 @@ from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .options import Lengths, OccluderOptions, parse_occlusion
-from ..masking import BoxMasks, MaskedScorer, Speedups
+from ..masking import BoxMasks, MaskedScorer, SegmentScorer, Speedups, segment_boxes
 
 
 def run_record(scorer: MaskedScorer) -> dict:
@@ -41,10 +41,23 @@ def progress_reporter(progress: Progress):
     return lambda done, count: progress(done, count, unit="passes")
 
 
+def segment_drops(scorer: SegmentScorer, report) -> torch.Tensor:
+    """(S,) float64 drop of the target when each segment alone is filled."""
+    keep = ~torch.eye(scorer.num_segments, dtype=torch.bool, device=scorer.segments.device)
+    return scorer.full_score - scorer.score(keep, report)
+
+
+def typical_extent(segments: torch.Tensor) -> list[float]:
+    """Median bounding-box edge of the segments, per axis, in voxels (the blur fill's scale)."""
+    low, high = segment_boxes(segments, int(segments.max()) + 1)
+    return (high - low).float().median(0).values.tolist()
+
+
 class Occlusion(Method):
     """Exact occlusion: every box of a grid is filled in turn; the map is the mean drop of the target
     over the boxes covering each voxel (positive: the region supports the target; negative: hiding
-    it raises the target, so the map is signed)."""
+    it raises the target, so the map is signed). With segments (``--segments``), each segment is
+    filled in turn instead and its drop is the map over its voxels."""
 
     name = "occlusion"
     label = "Occlusion"
@@ -53,6 +66,7 @@ class Occlusion(Method):
     summary = "Occlusion: target drop when a box is hidden (option: SIZE[/STRIDE][:FILL], voxels or mm, e.g. 16/8, 20mm/10mm:blur)"
     demo_spec: ClassVar[str] = "occlusion:16/8"
     DEFAULT_SIZE: ClassVar[Lengths] = Lengths((16.0, 16.0, 16.0))
+    uses_segments: ClassVar[bool] = True
 
     def __init__(self, options: OccluderOptions | None = None, speedups: Speedups = Speedups(), batch_size: int | None = None) -> None:
         self.options = options or OccluderOptions(self.DEFAULT_SIZE)
@@ -84,6 +98,8 @@ class Occlusion(Method):
         }
 
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+        if self.segments is not None:
+            return self.attribute_segments(model, x, target, progress)
         grid = self.grid(x.shape[2:])
         with torch.inference_mode(), full_float32():
             fill = fill_values(x, self.options.fill, grid.box_size)
@@ -92,3 +108,12 @@ class Occlusion(Method):
             drops = scorer.drops(BoxMasks(boxes[:, 0], boxes[:, 1]), progress_reporter(progress)).float()
             importance, _ = mean_drop_map(drops.view(grid.counts), grid.axis_masks(x.device))
         return Attribution(importance.float(), True, self.parameters(grid, target), run_record(scorer))
+
+    def attribute_segments(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress) -> Attribution:
+        """Each segment of :attr:`segments` filled alone; the map is its drop over its voxels."""
+        fill = fill_values(x, self.options.fill, typical_extent(self.segments))
+        scorer = SegmentScorer(model, x, fill, target, self.segments, self.speedups, self.batch_size)
+        drops = segment_drops(scorer, progress_reporter(progress))
+        parameters = {"segments": self.segment_spec, "segment_count": scorer.num_segments, "fill": self.options.fill,
+                      "map": f"drop of the {target.score} when the voxel's segment is filled"}
+        return Attribution(drops.float()[self.segments], True, parameters, run_record(scorer.masked))
