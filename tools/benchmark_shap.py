@@ -7,9 +7,11 @@ phantom's tumour mask (a tumour-sized region), SLIC supervoxels, zero fill. Thre
    one-output function (every coalition through the bundle's sliding-window inference) against XAIOverlay's
    ``kernelshap`` on the masked scorer (region-aware, incremental); seconds, passes, speed-up, and the
    correlation of the two estimates (two random draws of the same quantity).
-2. shap-guided against shap: the summed variance of each estimate per pass, from the standard errors the
-   estimators report (both unbiased, so their mean squared error is their variance, which falls as
-   1 / passes): the passes shap-guided needs for the error of shap with ``--shap-samples`` coalitions.
+2. shap-guided against shap: the summed variance of each estimate times its passes, from the standard
+   errors the estimators report (both unbiased, so their mean squared error is their variance, which
+   falls as 1 / passes): the share of shap's passes shap-guided needs for the same error, at the budgets
+   run and at large budgets (from the per-sample variances: e.g. shap:1000, where shap-guided's minimum of
+   2 samples per segment no longer binds).
 3. The default ``shap`` (no option, default segments) for the same region target on a 96³ volume (the
    phantom rendered on a 96³ grid at the segmenter's 2.5 mm).
 
@@ -108,7 +110,7 @@ def kernel_table(model, model_input, target, ids, samples, batch):
               f"{same:.1f} s: {captum_seconds / same:.1f}x faster than Captum at the same estimate (goal >= 10x)")
 
 
-def guided_table(model, model_input, target, ids, shap_samples, permutations, budget):
+def guided_table(model, model_input, target, ids, permutations, budget):
     x = model_input.tensor
     count = int(ids.max()) + 1
     with torch.inference_mode():
@@ -121,16 +123,21 @@ def guided_table(model, model_input, target, ids, shap_samples, permutations, bu
                                                                        torch.Generator().manual_seed(4), guide))
     plain_per_pass = float(plain.standard_errors.pow(2).sum()) * plain.passes  # variance × passes: constant
     guided_per_pass = float(guided.standard_errors.pow(2).sum()) * guided.passes
-    needed = guided_per_pass / plain_per_pass * shap_samples
+    # large budgets (e.g. shap:1000, 1,000 permutations): the minimum of 2 samples per segment no longer binds;
+    # plain: each antithetic pair costs 2 (S − 1) passes; guided at n_i ∝ w_i: Σ σ_i² Σw / w_i × 4 passes per sample
+    weights = shapley.guide_weights(guide)
+    plain_asymptotic = float(plain.unit_variances.sum()) * 2 * (count - 1)
+    guided_asymptotic = float((guided.unit_variances / weights).sum() * weights.sum()) * 4
     print(f"\n2. shap-guided against shap, {count} segments (summed variance of the estimates, from their standard errors)")
-    print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15}")
+    print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15} {'large budget':>13}")
     print(f"  {'shap (' + str(plain.extras['permutations']) + ' permutations)':<34} {plain_seconds:9.1f} {plain.passes:8d} "
-          f"{float(plain.standard_errors.pow(2).sum()):12.4g} {plain_per_pass:15.4g}")
+          f"{float(plain.standard_errors.pow(2).sum()):12.4g} {plain_per_pass:15.4g} {plain_asymptotic:13.4g}")
     print(f"  {'shap-guided (gradient × input)':<34} {guided_seconds + guide_seconds:9.1f} {guided.passes:8d} "
-          f"{float(guided.standard_errors.pow(2).sum()):12.4g} {guided_per_pass:15.4g}")
-    print(f"  passes shap-guided needs for the error of {shap_samples}-coalition shap: {needed:.0f} "
-          f"({needed / shap_samples:.2f} of shap's; goal <= 0.25; the guide's backward pass took {guide_seconds:.1f} s); "
-          f"correlation of the two estimates {correlation(plain.values, guided.values):.3f}")
+          f"{float(guided.standard_errors.pow(2).sum()):12.4g} {guided_per_pass:15.4g} {guided_asymptotic:13.4g}")
+    print(f"  passes (coalitions) shap-guided needs for shap's error: {guided_per_pass / plain_per_pass:.2f} of shap's at "
+          f"these budgets, {guided_asymptotic / plain_asymptotic:.2f} at large budgets (goal <= 0.25; the guide's "
+          f"backward pass took {guide_seconds:.1f} s); correlation of the two estimates "
+          f"{correlation(plain.values, guided.values):.3f}")
 
 
 def default_table(args):
@@ -156,9 +163,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--segments", default=None, help="segments for tables 1-2 (default slic:256; --quick: cubes:16)")
     parser.add_argument("--samples", type=int, default=None, help="KernelSHAP coalitions (default 1000; --quick 300)")
-    parser.add_argument("--shap-samples", type=int, default=1000, help="coalitions of the shap run to match (default 1000)")
-    parser.add_argument("--permutations", type=int, default=None, help="shap permutations measured (default 8; --quick 4)")
-    parser.add_argument("--budget", type=int, default=None, help="shap-guided passes measured (default 4000; --quick 1000)")
+    parser.add_argument("--permutations", type=int, default=None, help="shap permutations measured (default 4)")
+    parser.add_argument("--budget", type=int, default=None, help="shap-guided passes measured (default 2000; --quick 1000)")
     parser.add_argument("--batch", type=int, default=8, help="Captum perturbations per call (default 8)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom seed (default {DEMO_SEED}, held out)")
     parser.add_argument("--device", default="cpu")
@@ -171,8 +177,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     segments = args.segments or ("cubes:16" if args.quick else "slic:256")
     samples = args.samples or (300 if args.quick else 1000)
-    permutations = args.permutations or (4 if args.quick else 8)
-    budget = args.budget or (1000 if args.quick else 4000)
+    permutations = args.permutations or 4
+    budget = args.budget or (1000 if args.quick else 2000)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     from xaioverlay.phantoms import make_phantom
 
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
     if "kernel" not in skip:
         kernel_table(model, model_input, target, ids, samples, args.batch)
     if "guided" not in skip:
-        guided_table(model, model_input, target, ids, args.shap_samples, permutations, budget)
+        guided_table(model, model_input, target, ids, permutations, budget)
     if "default" not in skip:
         default_table(args)
     return 0

@@ -28,8 +28,9 @@ from .base import Attribution, Method
 from .gradients import gradient_times_input
 from .precision import full_float32
 
-#: Segments when ``--segments`` is not given: cubes of 16 voxels (216 on a 96³ grid).
-DEFAULT_SEGMENTS = "cubes:16"
+#: Segments when neither the spec nor ``--segments`` gives them: cubes of 24 voxels (64 on a 96³ grid: a
+#: default ``shap`` then needs 254 coalitions).
+DEFAULT_SEGMENTS = "cubes:24"
 FILLS = ("zero", "mean", "blur")
 #: σ of the ``blur`` fill, in voxels of the model grid.
 BLUR_SIGMA_VOXELS = 4.0
@@ -225,7 +226,7 @@ class Shap(CoalitionMethod):
     name = "shap"
     label = "SHAP"
     unit = "permutations"
-    default_samples = 8
+    default_samples = 4
     demo_spec: ClassVar[str] = "shap:4:cubes:32"
     summary = ("SHAP: Shapley values of segments by antithetic permutation sampling (option: N permutations[:FILL], "
                "e.g. shap:16; segments: --segments)")

@@ -53,6 +53,8 @@ class Estimate:
         full: v(N), the score with every segment kept.
         empty: v(∅), the score with every segment filled in.
         extras: estimator-specific facts (LIME's R², intercept, ...).
+        unit_variances: (S,) float64 variance of one sample of each value (an antithetic pair's mean), for
+            comparing estimators at equal cost; None where it does not apply.
     """
 
     values: torch.Tensor
@@ -61,6 +63,7 @@ class Estimate:
     full: float
     empty: float
     extras: dict = field(default_factory=dict)
+    unit_variances: torch.Tensor | None = None
 
     def record(self) -> dict:
         """The JSON-ready summary (explanation.json's extras)."""
@@ -123,7 +126,7 @@ def permutation_shapley(value: ValueFunction, segments: int, permutations: int, 
         samples.append(contributions.view(count, 2, segments).mean(1))
     samples = torch.cat(samples)
     return Estimate(samples.mean(0), samples.std(0) / math.sqrt(pairs), 2 + 2 * pairs * (segments - 1), full, empty,
-                    {"permutations": 2 * pairs, "estimator": "antithetic permutation sampling"})
+                    {"permutations": 2 * pairs, "estimator": "antithetic permutation sampling"}, samples.var(0))
 
 
 def shapley_kernel_sizes(segments: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -347,11 +350,12 @@ def guided_shapley(value: ValueFunction, segments: int, passes: int, generator: 
     n = counts.double()
     means = torch.zeros(segments, dtype=torch.float64).index_add_(0, owner, contributions) / n
     squares = torch.zeros(segments, dtype=torch.float64).index_add_(0, owner, (contributions - means[owner]) ** 2)
-    variances = squares / (n - 1) / n
+    unit = squares / (n - 1)
+    variances = unit / n
     shares = weights**2 / n
     shares = shares / shares.sum()
     values = means + shares * ((full - empty) - means.sum())
     variances = (1 - 2 * shares) * variances + shares**2 * variances.sum()
     return Estimate(values, variances.clamp_min(0).sqrt(), 2 + 4 * len(owner), full, empty,
                     {"samples_per_segment_min": int(counts.min()), "samples_per_segment_max": int(counts.max()),
-                     "estimator": "guided stratified antithetic Shapley sampling"})
+                     "estimator": "guided stratified antithetic Shapley sampling"}, unit)
