@@ -33,7 +33,7 @@ def unet(tmp_path):
     return load_model(spec, device="cpu")
 
 
-@pytest.mark.parametrize("spec", ["shap:4", "kernelshap:100", "shap-guided:300"])
+@pytest.mark.parametrize("spec", ["shap:4:cubes:12", "kernelshap:100:cubes:12", "shap-guided:300:cubes:12"])
 def test_shapley_map_on_an_oblique_input_grid_sums_to_the_score_difference(unet, spec):
     """Σ values = f(x) − f(fill) (efficiency) in the record, and the written map (moved to an oblique input grid,
     additively) still sums to it."""
@@ -51,7 +51,7 @@ def test_shapley_map_on_an_oblique_input_grid_sums_to_the_score_difference(unet,
 def test_kernelshap_with_too_few_coalitions_is_refused_in_one_line_before_any_work(unet, tmp_path, capsys):
     image = write_volume(blob(), tmp_path / "blob.nrrd")
     spec = tmp_path / "unet" / "model.yaml"
-    code = main(["explain", "--model", str(spec), "--input", str(image), "--methods", "kernelshap:10",
+    code = main(["explain", "--model", str(spec), "--input", str(image), "--methods", "kernelshap:10", "--segments", "cubes:12",
                  "--target", "channel:tumour", "--out", str(tmp_path / "out"), "--progress", "none", "--no-montage"])
     err = capsys.readouterr().err
     assert code == 1
@@ -61,15 +61,16 @@ def test_kernelshap_with_too_few_coalitions_is_refused_in_one_line_before_any_wo
 
 def test_a_run_that_would_take_hours_is_refused_with_its_estimated_time(unet):
     unet.passes.reset()
-    with pytest.raises(InputError, match=r"shap:4000000 over 8 segments needs about 28,000,002 model passes, about .* h "):
-        explain(unet, [blob()], ["shap:4000000"], "channel:tumour")
+    with pytest.raises(InputError, match=r"shap:4000000:cubes:12 over 8 segments needs about 28,000,002 model passes, about .* h "):
+        explain(unet, [blob()], ["shap:4000000:cubes:12"], "channel:tumour")
 
 
 class WavyScore(torch.nn.Module):
-    """A classifier whose logit oscillates with the fraction of the volume kept: no linear surrogate fits it."""
+    """A classifier whose logit is the parity of how many of 8 equal segments of a volume of ones are kept
+    (cos(8π · mean)): no linear surrogate fits it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = torch.sin(40 * x.flatten(1).mean(1))
+        score = torch.cos(25.132741228718345 * x.flatten(1).mean(1))
         return torch.stack([-score, score], 1)
 
 
@@ -82,7 +83,7 @@ def test_low_lime_r2_is_a_warning_in_the_record_and_on_the_command_line(tmp_path
     volume = blob()
     volume.array[:] = 1.0
     image = write_volume(volume, tmp_path / "ones.nrrd")
-    code = main(["explain", "--model", str(folder / "wavy.ts"), "--input", str(image), "--methods", "lime:200",
+    code = main(["explain", "--model", str(folder / "wavy.ts"), "--input", str(image), "--methods", "lime:200:cubes:12",
                  "--target", "class:b", "--out", str(tmp_path / "out"), "--progress", "none", "--no-montage"])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -112,7 +113,7 @@ def test_segments_out_of_the_target_s_reach_get_exactly_zero_and_cost_no_samples
     geometry = Geometry((160, 16, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     centre = geometry.ijk_to_ras_points(np.array([[6.0, 8.0, 8.0]]))[0]
     volume = blob_volume(geometry, centre, 4.0, value=2.0, noise=0.3)
-    result = explain(model, [volume], ["shap:4"], f"channel:t@point:{centre[0]},{centre[1]},{centre[2]},2").results[0]
+    result = explain(model, [volume], ["shap:4:cubes:16"], f"channel:t@point:{centre[0]},{centre[1]},{centre[2]},2").results[0]
     extras, count = result.extras, result.parameters["segment_count"]
     reaching = extras["segments_reaching_target"]
     assert 2 <= reaching < count == 10

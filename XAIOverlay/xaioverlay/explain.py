@@ -247,7 +247,6 @@ def attribute(method: Method, model: LoadedModel, model_input: ModelInput, targe
     x = model_input.tensor
     windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
     method.spacing_mm = tuple(float(s) for s in model_input.model_geometry.spacing)
-    method.prepare_input(model_input)
     # automatic choices are made on what the network will see: the whole input, or one window
     method.prepare(model, x.new_zeros((*x.shape[:2], *model.sliding_window.roi_size)) if windowed else x)
     if windowed and method.by_window and target.weights is not None:

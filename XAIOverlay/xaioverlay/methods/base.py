@@ -86,10 +86,6 @@ class Method:
         """The spec this method was built from, normalised (e.g. ``"gradcam"``)."""
         return self.name
 
-    def prepare_input(self, model_input) -> None:
-        """Settle what needs the input volume itself (its geometry, e.g. segments from a label volume), before
-        :meth:`prepare`; ``model_input`` is the :class:`~xaioverlay.models.base.ModelInput`."""
-
     def prepare(self, model: LoadedModel, x: torch.Tensor) -> None:
         """Settle automatic choices (e.g. a default layer) on the whole input, before any windowing."""
 

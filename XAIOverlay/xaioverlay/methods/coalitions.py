@@ -2,8 +2,9 @@
 
 Specs: ``shap[:N]`` (N permutations, antithetic pairs), ``kernelshap[:N]`` (N coalitions), ``lime[:N]``
 (N coalitions), ``shap-guided[:N]`` (a budget of N model passes); each may add ``:FILL`` (``zero``,
-``mean`` or ``blur``: what replaces a left-out segment) and, last, its own segments (``shap:4:cubes:32``).
-Otherwise the segments come from ``--segments`` (see :mod:`xaioverlay.segments`), else :data:`DEFAULT_SEGMENTS`.
+``mean`` or ``blur``: what replaces a left-out segment) and, last, its own default segments
+(``shap:4:cubes:32``). The engine makes the segments (``--segments``, see :mod:`xaioverlay.segments`; else
+the method's default, else :data:`DEFAULT_SEGMENTS`) and sets :attr:`Method.segments`.
 
 The map: a segment's value spread evenly over its voxels (value / voxel count), so the map is additive —
 its sum over a segment is the segment's Shapley value (or LIME coefficient) on every grid, and the sum
@@ -59,7 +60,7 @@ def parse_coalition_option(option: str | None, name: str) -> tuple[int | None, s
     """``[N][:FILL][:SEGMENTS]`` → (sample count or None, fill, segment spec or None).
 
     N and FILL in either order; SEGMENTS (``cubes:32``, ``slic:64``, ``labels:PATH``; see
-    :mod:`xaioverlay.segments`) comes last and overrides ``--segments`` for this method.
+    :mod:`xaioverlay.segments`) comes last: this method's segments unless ``--segments`` is given.
     """
     from ..segments import KINDS, parse_segments
 
@@ -93,13 +94,14 @@ class CoalitionMethod(Method):
     #: The option's unit, for messages and the record.
     unit: ClassVar[str] = "coalitions"
 
+    uses_segments = True
+    default_segments = DEFAULT_SEGMENTS
+
     def __init__(self, samples: int | None = None, fill: str = "zero", segments: str | None = None) -> None:
         self.samples = samples if samples is not None else self.default_samples
         self.fill = fill
-        #: Segment spec (``--segments``); None → :data:`DEFAULT_SEGMENTS`.
-        self.segments = segments
-        #: Segment ids (X, Y, Z) on the model grid set by the engine from ``--segments``, else made from the input.
-        self.segment_ids: torch.Tensor | None = None
+        if segments:  # this method's own default (the engine's --segments still wins)
+            self.default_segments = segments
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -114,7 +116,8 @@ class CoalitionMethod(Method):
     @property
     def spec(self) -> str:
         parts = ([str(self.samples)] if self.samples != self.default_samples else []) + (
-            [self.fill] if self.fill != "zero" else []) + ([self.segments] if self.segments else [])
+            [self.fill] if self.fill != "zero" else []) + (
+            [self.default_segments] if self.default_segments != DEFAULT_SEGMENTS else [])
         return f"{self.name}:{':'.join(parts)}" if parts else self.name
 
     # -- what each method says ------------------------------------------------------------------------
@@ -136,24 +139,18 @@ class CoalitionMethod(Method):
         return None
 
     # -- shared -----------------------------------------------------------------------------------------
-    def prepare_input(self, model_input) -> None:
-        """Make the segments on the model grid (label volumes need the input's geometry)."""
-        from ..segments import make_segments, parse_segments
-
-        self.segment_ids = make_segments(parse_segments(self.segments or DEFAULT_SEGMENTS), model_input)
-
     def make_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from); without :meth:`prepare_input`
-        (a direct call), cubes on ``x``'s grid."""
+        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from): those the engine set, else (a direct
+        call) cubes on ``x``'s grid."""
         from ..segments import cube_ids, parse_segments
 
-        text = self.segments or DEFAULT_SEGMENTS
-        if self.segment_ids is not None:
-            return self.segment_ids.to(x.device), text
-        spec = parse_segments(text)
+        if self.segments is not None:
+            return self.segments.to(x.device), self.segment_spec or "given"
+        spec = parse_segments(self.default_segments)
         if spec.kind != "cubes":
-            raise InputError(f"{self.label}: {text} segments need the input volume; run it through explain()")
-        return cube_ids(tuple(x.shape[2:]), spec.size.voxels(self.spacing_mm or (1.0, 1.0, 1.0))).to(x.device), text
+            raise InputError(f"{self.label}: {spec.text()} segments need the input volume; run it through explain()")
+        ids = cube_ids(tuple(x.shape[2:]), spec.size.voxels(self.spacing_mm or (1.0, 1.0, 1.0)))
+        return ids.to(x.device), spec.text()
 
     def fill_values(self, x: torch.Tensor) -> torch.Tensor:
         from ..baselines import baseline
