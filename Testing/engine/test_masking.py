@@ -8,7 +8,8 @@ import torch
 
 from test_occlusion_exact import BN_UNET, grid_volume, load
 from xaioverlay.baselines import baseline
-from xaioverlay.methods.masking import SegmentScorer, kept_voxels, removed_boxes, segment_boxes
+from xaioverlay.methods import boxes as box_ops
+from xaioverlay.methods.masking import BRUTE_FORCE, SegmentScorer, Speedups, kept_voxels, removed_boxes, segment_boxes
 from xaioverlay.prediction import predict
 from xaioverlay.segments import make_segments, parse_segments
 from xaioverlay.targets import resolve_target
@@ -65,7 +66,9 @@ CASES = [("whole volume", "cubes:6", "zero"), ("whole volume", "slic:12", "mean"
 
 @pytest.mark.parametrize("grid, segments_text, fill_kind", CASES)
 def test_segment_scores_equal_masked_forward_passes(segmenter, windowed_segmenter, tmp_path, grid, segments_text,
-                                                    fill_kind):
+                                                    fill_kind, monkeypatch):
+    if fill_kind == "blur":  # the batched reads CUDA uses (one gather per batch), checked here on the CPU
+        monkeypatch.setattr(box_ops, "VECTORISED_ON_CPU", True)
     model = segmenter if grid == "whole volume" else windowed_segmenter
     volume = grid_volume((12, 20, 12), seed=4, centre=(0, 2, 0))
     target_text = "channel:1@box:-4,-8,4,-7,-12,7"  # a region spanning both sliding windows
@@ -88,6 +91,26 @@ def test_segment_scores_equal_masked_forward_passes(segmenter, windowed_segmente
     assert 0 < scorer.passes
     if grid == "sliding window":
         assert scorer.masked.windows["used"] == 2
+
+
+@pytest.mark.parametrize("speedups", ["brute force", "a probability of blended windows"])
+def test_coalitions_through_whole_forward_passes_equal_masked_forward_passes(windowed_segmenter, speedups):
+    """The model's own sliding-window inference for every coalition: with every speed-up off, and for a
+    score that does not split over windows (the engine falls back to whole volumes)."""
+    model = windowed_segmenter
+    volume = grid_volume((12, 20, 12), seed=7, centre=(0, 2, 0))
+    model_input = model.preprocess([volume])
+    x = model_input.tensor
+    score = "probability" if speedups != "brute force" else "logit"
+    target = resolve_target("channel:1@box:-4,-8,4,-7,-12,7", model, model_input, predict(model, x, 1, score), score)
+    segments = make_segments(parse_segments("cubes:6"), model_input)
+    fill = baseline(x, "mean")
+    scorer = SegmentScorer(model, x, fill, target, segments, BRUTE_FORCE if speedups == "brute force" else Speedups())
+    keep = coalitions(scorer.num_segments, 6, seed=3)
+    ours, reference = scorer.score(keep), masked_scores(model, x, fill, target, segments, keep)
+    assert scorer.masked.engine == "forward"
+    assert float((ours - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    assert len(set(reference.tolist())) > 3
 
 
 def test_segments_out_of_the_receptive_field_cost_no_pass(segmenter):

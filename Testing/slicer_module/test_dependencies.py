@@ -78,7 +78,7 @@ def test_one_pip_call_pins_the_installed_torch_exactly_and_asks_for_a_monai_that
     recorder = Recorder()
     assert run_install(plan, recorder, versions=versions(torch=torch_version, numpy="2.1.3"))
     assert recorder.calls[1:] == [
-        ("pip", (monai, "PyYAML>=6", "psutil>=5.8", "scikit-image>=0.22", f"torch=={torch_version}", "numpy==2.1.3")),
+        ("pip", (monai, "PyYAML>=6", "psutil>=5.8", "scikit-image>=0.19", f"torch=={torch_version}", "numpy==2.1.3")),
     ]
     assert recorder.calls[0][0] == "ask" and "An installed PyTorch is kept" in recorder.calls[0][1]
 
@@ -109,7 +109,7 @@ def test_torch_through_the_pytorch_extension_then_the_rest_pinned_to_the_build_i
     assert [call[0] for call in recorder.calls] == ["ask", "PyTorchUtils", "pip"]
     assert "matched to your GPU driver" in recorder.calls[0][1]
     assert recorder.calls[2] == ("pip", ("monai>=1.5.1,<1.6", "PyYAML>=6", "psutil>=5.8",
-                                         "scikit-image>=0.22", "torch==2.6.0+cu124", "numpy==1.26.4"))
+                                         "scikit-image>=0.19", "torch==2.6.0+cu124", "numpy==1.26.4"))
 
 
 def test_without_the_extension_torch_comes_from_pip_after_asking_and_numpy_is_kept():
@@ -175,6 +175,7 @@ def test_what_is_installed_is_exactly_what_the_code_imports_and_slicer_lacks():
 def test_a_torch_pip_does_not_know_is_not_risked():
     plan = dependencies.plan_install(installed("torch", "SimpleITK", "psutil"))
     recorder = Recorder()
-    with pytest.raises(dependencies.DependencyError, match="no package metadata.*monai>=1.3, PyYAML>=6, scikit-image>=0.22 yourself"):
+    with pytest.raises(dependencies.DependencyError,
+                       match="no package metadata.*monai>=1.3, PyYAML>=6, scikit-image>=0.19 yourself"):
         run_install(plan, recorder, versions=versions(numpy="2.1.3"))
     assert recorder.calls == []

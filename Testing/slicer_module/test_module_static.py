@@ -202,7 +202,8 @@ def test_the_logic_reads_only_parameters_the_wrapper_declares():
 
     from XAIOverlayLib.logic import request_from_parameters
 
-    defaults = {"methods": "gradcam, hirescam", "targetClass": "tumour", "camLayer": "", "targetSegment": "",
+    defaults = {"methods": "gradcam, hirescam", "targetClass": "tumour", "camLayer": "", "segments": " slic:64 ",
+                "targetSegment": "",
                 "targetRadius": 4.0, "measureQuality": True, "modelPath": Path("/models/net.yaml")}
     enums = {"device": "cpu", "score": "probability", "targetRegion": "roi", "orientation": "Axial"}
     values = {}
@@ -214,6 +215,7 @@ def test_the_logic_reads_only_parameters_the_wrapper_declares():
     assert request.methods == ["gradcam", "hirescam"] and request.volumes == []
     assert (request.model, request.score, request.device, request.evaluate) == ("/models/net.yaml", "probability", "cpu", True)
     assert (request.target.key, request.target.region, request.target.radius_mm) == ("tumour", "roi", 4.0)
+    assert request.segments == "slic:64"
     values["modelPath"] = Path()  # what the wrapper holds before a model is chosen
     with pytest.raises(ValueError, match="choose a model first"):
         request_from_parameters(types.SimpleNamespace(**values))

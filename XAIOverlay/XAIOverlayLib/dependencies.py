@@ -43,7 +43,7 @@ PACKAGES = (
     ("SimpleITK", "SimpleITK>=2.3"),
     ("yaml", "PyYAML>=6"),
     ("psutil", "psutil>=5.8"),
-    ("skimage", "scikit-image>=0.22"),  # SLIC supervoxels (--segments slic:N)
+    ("skimage", "scikit-image>=0.19"),  # SLIC supervoxels (--segments slic:N)
 )
 #: Distributions kept at their installed version by every pip call.
 KEPT = ("torch", "numpy")
@@ -124,7 +124,7 @@ class InstallPlan:
             parts.append("PyTorch (through the PyTorch extension, matched to your GPU driver)")
         elif self.torch == "pip":
             parts.append(f"PyTorch (torch{TORCH_REQUIREMENT}, default build from PyPI; install the PyTorch extension for a build matched to your GPU)")
-        names = {"monai": "MONAI (a release that supports your PyTorch)", "yaml": "PyYAML"}
+        names = {"monai": "MONAI (a release that supports your PyTorch)", "yaml": "PyYAML", "skimage": "scikit-image"}
         parts += [names.get(name, name) for name in self.missing]
         return ", ".join(parts)
 

@@ -114,7 +114,8 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segments", default=None, metavar="SPEC",
                         help="features of perturbation methods (occlusion, SHAP, LIME): cubes:SIZE (voxels or mm, "
                              "e.g. cubes:16, cubes:12mm), slic:COUNT[,compactness=C] (3D supervoxels) or labels:FILE "
-                             "(a label volume, one segment per label; 0 = everything else); default: each method's own")
+                             "(a label volume, one segment per label; 0 = everything else); "
+                             "default: each method's own")
     parser.add_argument("--target", default=None, help=TARGET_HELP)
     parser.add_argument("--score", default="logit", choices=("logit", "probability"),
                         help="explain the logit (default) or the probability after the model's activation")
@@ -244,7 +245,8 @@ def run_evaluate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     body = read_volume(args.body_mask) if args.body_mask else None
     methods = args.methods or demo_methods(model)
     evaluation = evaluate(model, volumes, methods, args.target, score=args.score, layer=args.layer,
-                          segments=args.segments, reference_mask=reference, body_mask=body, options=options, progress=Progress(printer))
+                          segments=args.segments, reference_mask=reference, body_mask=body, options=options,
+                          progress=Progress(printer))
     written = write_evaluation(evaluation, args.out)
     printer.result(out=str(Path(args.out).resolve()), files={k: str(v) for k, v in written.items()},
                    warnings=evaluation.explanation.warnings())

@@ -86,7 +86,8 @@ def write_outputs(explanation: Explanation, out: str | os.PathLike, *, montage: 
             record["montage"] = "montage.png"
         write_json(record, staging / "explanation.json")
         written: dict[str, Path] = {}
-        order = [*files.values(), *segment_files.values(), *(["montage.png"] if record.get("montage") else []), "explanation.json"]
+        order = [*files.values(), *segment_files.values(), *(["montage.png"] if record.get("montage") else []),
+                 "explanation.json"]
         (out / "explanation.json").unlink(missing_ok=True)  # a previous run's record must not vouch for new maps
         try:
             for name in order:  # explanation.json last: its presence means the set is complete

@@ -10,8 +10,8 @@ Specs (CLI ``--segments``):
   the image's own units, so one compactness would mean different things for CT in Hounsfield units
   (a span of ~2,000) and for z-scored MRI (a span of a few units). Each channel is therefore first
   scaled so that its 1st–99th percentile span is 1, and the default ``compactness=0.1`` then means the
-  same for CT and MRI: supervoxels follow intensity edges about as strongly as a tenth of the
-  volume's contrast range. Raise it (e.g. 1) for nearly cubic supervoxels, lower it (0.01) for ones
+  same for CT and MRI: a distance of one supervoxel spacing weighs as much as an intensity difference of
+  a tenth of the volume's contrast span. Raise it (e.g. 1) for nearly cubic supervoxels, lower it (0.01) for ones
   that hug edges (noisy CT: prefer raising it, or edges of noise are followed).
 - ``labels:PATH`` — a label volume (any format SimpleITK reads: NIfTI, NRRD, a Slicer segmentation
   exported as a labelmap, a TotalSegmentator output): one segment per label value present, label 0
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .methods.occlusion.options import Lengths, parse_lengths
 from .models.base import ModelInput
 from .volumes import read_volume, resample_array
 
@@ -48,7 +47,7 @@ class SegmentSpec:
     """What segments to make: ``kind`` and its one parameter (``size``, ``count`` or ``path``)."""
 
     kind: str
-    size: Lengths | None = None
+    size: "Lengths | None" = None  # xaioverlay.methods.occlusion.options.Lengths
     count: int | None = None
     compactness: float = DEFAULT_COMPACTNESS
     path: str | None = None
@@ -72,6 +71,9 @@ def parse_segments(text: str) -> SegmentSpec:
     if kind == "labels":
         return SegmentSpec("labels", path=rest)
     if kind == "cubes":
+        # imported here: methods build on this module, so it must not import the methods package when loaded
+        from .methods.occlusion.options import parse_lengths
+
         return SegmentSpec("cubes", size=parse_lengths(rest, f"segments {text}", USAGE))
     count_text, *options = [part.strip() for part in rest.split(",")]
     if not re.fullmatch(r"\d+", count_text) or int(count_text) < 2:

@@ -21,6 +21,7 @@ volume through the model's own inferer), the reference the tests compare against
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -149,11 +150,13 @@ class IncrementalScorer:
         # tracing can bake a Python branch into the graph: the replayed graph must give the network's output
         reference = model.forward(view.x)
         scale = float(reference.abs().max()) or 1.0
-        if reference.shape != self.clean_output.shape or float((reference - self.clean_output).abs().max()) > 1e-3 * scale:
+        same_shape = reference.shape == self.clean_output.shape
+        if not same_shape or float((reference - self.clean_output).abs().max()) > 1e-3 * scale:
             raise ValueError("the traced graph does not reproduce the network's output")
         del reference
         self.clean_score = float(view.target(self.clean_output)[0])
-        self.item_bytes = sum(v.numel() * v.element_size() for v in self.run.values.values() if isinstance(v, torch.Tensor))
+        self.item_bytes = sum(v.numel() * v.element_size() for v in self.run.values.values()
+                              if isinstance(v, torch.Tensor))
         self.release()
 
     def acquire(self) -> None:
@@ -358,6 +361,7 @@ class MaskedScorer:
     def __init__(self, model: LoadedModel, x: torch.Tensor, fill: torch.Tensor, target: Target,
                  speedups: Speedups = Speedups(), batch_size: int | None = None) -> None:
         self.model, self.speedups = model, speedups
+        started, passes_before = time.perf_counter(), model.passes.forward
         windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
         self.graph, self.slower_because = None, ""
         if speedups.crop or speedups.incremental or speedups.skip:
@@ -378,7 +382,12 @@ class MaskedScorer:
             self.scorers = [self._scorer(v, hold=len(self.views) == 1) for v in self.views]
         self.windows = {"used": len(self.views), "total": _window_count(x, model.sliding_window)} if windowed else None
         self.clean_score = sum(s.clean_score for s in self.scorers)
-        self.batch_size = batch_size or first_batch_size(x.device, max(s.item_bytes for s in self.scorers), self.engine)
+        #: Measured: seconds of one whole pass of a view (the clean passes above); a masked pass costs at
+        #: most about this, so ``passes × seconds_per_pass`` bounds a run's time
+        #: (see :func:`~xaioverlay.segments.check_duration`).
+        self.seconds_per_pass = (time.perf_counter() - started) / max(1, model.passes.forward - passes_before)
+        item_bytes = max(s.item_bytes for s in self.scorers)
+        self.batch_size = batch_size or first_batch_size(x.device, item_bytes, self.engine)
         self.evaluated = self.skipped = self.reused = self.occluders_evaluated = 0
 
     def _scorer(self, view: View, hold: bool = True):
@@ -488,6 +497,7 @@ class SegmentScorer:
         scorer.score(keep)   # keep: (B, S) bool → (B,) float64 target scores
         scorer.full_score    # every segment kept (the clean input); scorer.empty_score: none kept
         scorer.num_segments, scorer.passes
+        check_duration(samples * scorer.views, scorer.seconds_per_pass, ...)  # xaioverlay.segments, before sampling
 
     Args:
         x: (1, C, X, Y, Z) the model input; ``fill``: the same shape, the values of filled voxels.
@@ -523,6 +533,16 @@ class SegmentScorer:
     def passes(self) -> int:
         """Masked network passes so far (one per coalition and sliding window it changes)."""
         return self.masked.evaluated
+
+    @property
+    def views(self) -> int:
+        """Passes a coalition costs at most: the sliding windows that hold part of the target (1 otherwise)."""
+        return len(self.masked.views)
+
+    @property
+    def seconds_per_pass(self) -> float:
+        """Measured on this machine when the scorer was built (see :attr:`MaskedScorer.seconds_per_pass`)."""
+        return self.masked.seconds_per_pass
 
     def score(self, keep: torch.Tensor, report: Callable[[int, int], None] = lambda done, total: None) -> torch.Tensor:
         """(B,) float64 target of the input with the segments where ``keep`` (B, S) is False filled."""

@@ -276,7 +276,8 @@ def evaluate(
     for given, what in ((reference_mask, "reference mask"), (body_mask, "body mask")):  # before minutes of explaining
         if given is not None and not (np.asarray(given.array) > 0).any():
             raise InputError(f"{what} {given.name or ''} is empty; give a mask with voxels > 0")
-    explanation = explain(model, volumes, built, target, score=score, layer=layer, segments=segments, progress=progress)
+    explanation = explain(model, volumes, built, target, score=score, layer=layer, segments=segments,
+                          progress=progress)
     own = explanation.segmentation() if reference_from_model and reference_mask is None else None
     if own is not None and (own.array > 0).any():
         reference_mask = Volume((own.array > 0).astype(np.uint8), own.geometry, "model segmentation")

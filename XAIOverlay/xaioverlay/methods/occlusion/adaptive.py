@@ -34,12 +34,12 @@ from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution
+from ..masking import BoxMasks, MaskedScorer, Speedups
 from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .method import Occlusion, run_record
 from .options import Lengths, OccluderOptions, parse_adaptive
-from ..masking import BoxMasks, MaskedScorer, Speedups
 
 #: Most of the budget the coarsest level may take.
 COARSE_SHARE = 0.25

@@ -10,11 +10,11 @@ from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method
+from ..masking import BoxMasks, MaskedScorer, SegmentScorer, Speedups, segment_boxes
 from ..precision import full_float32
 from .fill import fill_values
 from .grid import OccluderGrid, mean_drop_map
 from .options import Lengths, OccluderOptions, parse_occlusion
-from ..masking import BoxMasks, MaskedScorer, SegmentScorer, Speedups, segment_boxes
 
 
 def run_record(scorer: MaskedScorer) -> dict:
@@ -109,7 +109,8 @@ class Occlusion(Method):
             importance, _ = mean_drop_map(drops.view(grid.counts), grid.axis_masks(x.device))
         return Attribution(importance.float(), True, self.parameters(grid, target), run_record(scorer))
 
-    def attribute_segments(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress) -> Attribution:
+    def attribute_segments(self, model: LoadedModel, x: torch.Tensor, target: Target,
+                           progress: Progress) -> Attribution:
         """Each segment of :attr:`segments` filled alone; the map is its drop over its voxels."""
         fill = fill_values(x, self.options.fill, typical_extent(self.segments))
         scorer = SegmentScorer(model, x, fill, target, self.segments, self.speedups, self.batch_size)
