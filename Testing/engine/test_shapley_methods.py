@@ -142,3 +142,20 @@ def test_shap_over_a_label_volume_given_in_the_method_spec_equals_the_two_player
     blob_value = 0.5 * (v(inside) - v(torch.zeros_like(inside)) + v(torch.ones_like(inside)) - v(~inside))
     assert result.parameters["segment_count"] == 2
     assert float(result.model_grid_map[inside[0, 0]].double().sum()) == pytest.approx(blob_value, rel=1e-4, abs=1e-5)
+
+
+def test_evaluate_measures_shap_and_lime_and_puts_them_in_the_agreement_table(tmp_path):
+    from conftest import SMALL_DENSENET
+
+    spec = save_spec_model(tmp_path / "dense", SMALL_DENSENET, task="classification", class_names=["no", "yes"])
+    image = write_volume(blob(Geometry((40, 36, 32), (1.5, 1.5, 2.0), (0.0, 0.0, 0.0))), tmp_path / "blob.nrrd")
+    methods = ["gxi", "shap:6:cubes:20", "lime:40:cubes:20"]
+    code = main(["evaluate", "--model", str(spec), "--input", str(image), "--methods", ",".join(methods),
+                 "--target", "class:yes", "--step", "0.25", "--randomisation-depth", "2", "--out", str(tmp_path / "out"),
+                 "--progress", "none"])
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert [m["spec"] for m in record["methods"]] == methods
+    assert record["agreement"]["methods"] == methods
+    for method in record["methods"][1:]:
+        assert "deletion" in method["faithfulness"]["blur"]
