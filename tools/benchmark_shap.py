@@ -92,7 +92,8 @@ def kernel_table(model, model_input, target, ids, samples, batch):
     model.passes.reset()
     with torch.inference_mode():
         scorer = SegmentScorer(model, x, torch.zeros_like(x), target, ids)
-        ours, our_seconds = timed(lambda: shapley.kernel_shapley(scorer.score, count, samples, torch.Generator().manual_seed(2)))
+        generator = torch.Generator().manual_seed(2)
+        ours, our_seconds = timed(lambda: shapley.kernel_shapley(scorer.score, count, samples, generator))
     our_passes = model.passes.forward
     print(f"\n1. KernelSHAP, {count} segments, {samples} coalitions, zero fill")
     print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'vs Captum':>10}")
@@ -101,7 +102,8 @@ def kernel_table(model, model_input, target, ids, samples, batch):
     # both estimate the same Shapley values independently: E‖ours − theirs‖² = Captum's squared error + ours (Σ SE²)
     ours_squared = float(ours.standard_errors.pow(2).sum())
     captum_squared = float((ours.values - theirs).pow(2).sum()) - ours_squared
-    print(f"  passes: network evaluations of one window; correlation of the two estimates {correlation(ours.values, theirs):.3f}")
+    print(f"  passes: network evaluations of one window; correlation of the two estimates "
+          f"{correlation(ours.values, theirs):.3f}")
     print(f"  squared error summed over segments: XAIOverlay {ours_squared:.4g} (Σ SE²), Captum {captum_squared:.4g} "
           f"(‖difference‖² − XAIOverlay's)")
     if captum_squared > 0:
@@ -128,14 +130,16 @@ def guided_table(model, model_input, target, ids, permutations, budget):
     weights = shapley.guide_weights(guide)
     plain_asymptotic = float(plain.unit_variances.sum()) * 2 * (count - 1)
     guided_asymptotic = float((guided.unit_variances / weights).sum() * weights.sum()) * 4
-    print(f"\n2. shap-guided against shap, {count} segments (summed variance of the estimates, from their standard errors)")
+    print(f"\n2. shap-guided against shap, {count} segments (summed variance of the estimates, from their "
+          "standard errors)")
     print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15} {'large budget':>13}")
-    print(f"  {'shap (' + str(plain.extras['permutations']) + ' permutations)':<34} {plain_seconds:9.1f} {plain.passes:8d} "
+    name = f"shap ({plain.extras['permutations']} permutations)"
+    print(f"  {name:<34} {plain_seconds:9.1f} {plain.passes:8d} "
           f"{float(plain.standard_errors.pow(2).sum()):12.4g} {plain_per_pass:15.4g} {plain_asymptotic:13.4g}")
     print(f"  {'shap-guided (gradient × input)':<34} {guided_seconds + guide_seconds:9.1f} {guided.passes:8d} "
           f"{float(guided.standard_errors.pow(2).sum()):12.4g} {guided_per_pass:15.4g} {guided_asymptotic:13.4g}")
-    print(f"  passes (coalitions) shap-guided needs for shap's error: {guided_per_pass / plain_per_pass:.2f} of shap's at "
-          f"these budgets, {guided_asymptotic / plain_asymptotic:.2f} at large budgets (goal <= 0.25; the guide's "
+    print(f"  passes (coalitions) shap-guided needs for shap's error: {guided_per_pass / plain_per_pass:.2f} of "
+          f"shap's at these budgets, {guided_asymptotic / plain_asymptotic:.2f} at large budgets (goal <= 0.25; the guide's "
           f"backward pass took {guide_seconds:.1f} s); correlation of the two estimates "
           f"{correlation(plain.values, guided.values):.3f}")
 
@@ -153,7 +157,8 @@ def default_table(args):
     attribution, seconds = timed(lambda: method.attribute(model, model_input.tensor, target))
     extras = attribution.extras
     print(f"\n3. default shap ({method.spec}, segments {attribution.parameters['segments']}: "
-          f"{attribution.parameters['segment_count']}), region target over the tumour mask ({target.region['voxels']} voxels), "
+          f"{attribution.parameters['segment_count']}), region target over the tumour mask "
+          f"({target.region['voxels']} voxels), "
           f"input {tuple(model_input.tensor.shape[2:])}")
     print(f"  {seconds:.1f} s, {extras['passes']} coalitions, {model.passes.forward} window passes; Σ values "
           f"{extras['sum_values']:.4g} = f(x) − f(fill) {extras['score_difference']:.4g}; goal < 60 s")
@@ -161,10 +166,12 @@ def default_table(args):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--segments", default=None, help="segments for tables 1-2 (default slic:256; --quick: cubes:16)")
+    parser.add_argument("--segments", default=None,
+                        help="segments for tables 1-2 (default slic:256; --quick: cubes:16)")
     parser.add_argument("--samples", type=int, default=None, help="KernelSHAP coalitions (default 1000; --quick 300)")
     parser.add_argument("--permutations", type=int, default=None, help="shap permutations measured (default 4)")
-    parser.add_argument("--budget", type=int, default=None, help="shap-guided passes measured (default 2000; --quick 1000)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="shap-guided passes measured (default 2000; --quick 1000)")
     parser.add_argument("--batch", type=int, default=8, help="Captum perturbations per call (default 8)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom seed (default {DEMO_SEED}, held out)")
     parser.add_argument("--device", default="cpu")

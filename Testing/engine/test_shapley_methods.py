@@ -45,13 +45,15 @@ def test_shapley_map_on_an_oblique_input_grid_sums_to_the_score_difference(unet,
     assert extras["score_difference"] == pytest.approx(extras["full_score"] - extras["empty_score"])
     assert len(extras["standard_errors"]) == result.parameters["segment_count"] > 1
     assert float(result.model_grid_map.double().sum()) == pytest.approx(extras["sum_values"], rel=1e-4, abs=1e-5)
-    assert float(result.volume.array.astype(np.float64).sum()) == pytest.approx(extras["sum_values"], rel=2e-2, abs=1e-4)
+    written = float(result.volume.array.astype(np.float64).sum())
+    assert written == pytest.approx(extras["sum_values"], rel=2e-2, abs=1e-4)
 
 
 def test_kernelshap_with_too_few_coalitions_is_refused_in_one_line_before_any_work(unet, tmp_path, capsys):
     image = write_volume(blob(), tmp_path / "blob.nrrd")
     spec = tmp_path / "unet" / "model.yaml"
-    code = main(["explain", "--model", str(spec), "--input", str(image), "--methods", "kernelshap:10", "--segments", "cubes:12",
+    code = main(["explain", "--model", str(spec), "--input", str(image), "--methods", "kernelshap:10",
+                 "--segments", "cubes:12",
                  "--target", "channel:tumour", "--out", str(tmp_path / "out"), "--progress", "none", "--no-montage"])
     err = capsys.readouterr().err
     assert code == 1
@@ -61,7 +63,8 @@ def test_kernelshap_with_too_few_coalitions_is_refused_in_one_line_before_any_wo
 
 def test_a_run_that_would_take_hours_is_refused_with_its_estimated_time(unet):
     unet.passes.reset()
-    with pytest.raises(InputError, match=r"shap:4000000:cubes:12 over 8 segments needs about 28,000,002 model passes, about .* h "):
+    expected = r"shap:4000000:cubes:12 over 8 segments needs about 28,000,002 model passes, about .* h "
+    with pytest.raises(InputError, match=expected):
         explain(unet, [blob()], ["shap:4000000:cubes:12"], "channel:tumour")
 
 
@@ -83,7 +86,8 @@ def test_low_lime_r2_is_a_warning_in_the_record_and_on_the_command_line(tmp_path
     volume = blob()
     volume.array[:] = 1.0
     image = write_volume(volume, tmp_path / "ones.nrrd")
-    code = main(["explain", "--model", str(folder / "wavy.ts"), "--input", str(image), "--methods", "lime:200:cubes:12",
+    code = main(["explain", "--model", str(folder / "wavy.ts"), "--input", str(image), "--methods",
+                 "lime:200:cubes:12",
                  "--target", "class:b", "--out", str(tmp_path / "out"), "--progress", "none", "--no-montage"])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -113,7 +117,8 @@ def test_segments_out_of_the_target_s_reach_get_exactly_zero_and_cost_no_samples
     geometry = Geometry((160, 16, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     centre = geometry.ijk_to_ras_points(np.array([[6.0, 8.0, 8.0]]))[0]
     volume = blob_volume(geometry, centre, 4.0, value=2.0, noise=0.3)
-    result = explain(model, [volume], ["shap:4:cubes:16"], f"channel:t@point:{centre[0]},{centre[1]},{centre[2]},2").results[0]
+    target = f"channel:t@point:{centre[0]},{centre[1]},{centre[2]},2"
+    result = explain(model, [volume], ["shap:4:cubes:16"], target).results[0]
     extras, count = result.extras, result.parameters["segment_count"]
     reaching = extras["segments_reaching_target"]
     assert 2 <= reaching < count == 10
@@ -151,7 +156,8 @@ def test_evaluate_measures_shap_and_lime_and_puts_them_in_the_agreement_table(tm
     image = write_volume(blob(Geometry((40, 36, 32), (1.5, 1.5, 2.0), (0.0, 0.0, 0.0))), tmp_path / "blob.nrrd")
     methods = ["gxi", "shap:6:cubes:20", "lime:40:cubes:20"]
     code = main(["evaluate", "--model", str(spec), "--input", str(image), "--methods", ",".join(methods),
-                 "--target", "class:yes", "--step", "0.25", "--randomisation-depth", "2", "--out", str(tmp_path / "out"),
+                 "--target", "class:yes", "--step", "0.25", "--randomisation-depth", "2",
+                 "--out", str(tmp_path / "out"),
                  "--progress", "none"])
     assert code == 0
     record = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))

@@ -56,7 +56,7 @@ def paint_segments(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor
     return density[ids].view(segments.shape).float()
 
 
-def parse_coalition_option(option: str | None, name: str) -> tuple[int | None, str, str | None]:
+def parse_coalition_option(option: str | None, name: str, example: int) -> tuple[int | None, str, str | None]:
     """``[N][:FILL][:SEGMENTS]`` → (sample count or None, fill, segment spec or None).
 
     N and FILL in either order; SEGMENTS (``cubes:32``, ``slic:64``, ``labels:PATH``; see
@@ -64,8 +64,8 @@ def parse_coalition_option(option: str | None, name: str) -> tuple[int | None, s
     """
     from ..segments import KINDS, parse_segments
 
-    usage = (f"use {name}:N[:FILL][:SEGMENTS], e.g. {name}:{CoalitionMethod.REGISTERED_DEFAULTS.get(name, 100)} or "
-             f"{name}:{CoalitionMethod.REGISTERED_DEFAULTS.get(name, 100)}:cubes:32 (FILL: {', '.join(FILLS)})")
+    usage = (f"use {name}:N[:FILL][:SEGMENTS], e.g. {name}:{example} or {name}:{example}:cubes:32 "
+             f"(FILL: {', '.join(FILLS)})")
     samples, fill, segments = None, None, None
     fields = [f.strip() for f in option.split(":")] if option else []
     for number, field in enumerate(fields):
@@ -88,8 +88,6 @@ class CoalitionMethod(Method):
     signed = True
     additive = True
     by_window = False  # the masked scorer handles sliding windows
-    #: Default sample count of each method (by name), for messages.
-    REGISTERED_DEFAULTS: ClassVar[dict[str, int]] = {}
     default_samples: ClassVar[int] = 0
     #: The option's unit, for messages and the record.
     unit: ClassVar[str] = "coalitions"
@@ -103,14 +101,9 @@ class CoalitionMethod(Method):
         if segments:  # this method's own default (the engine's --segments still wins)
             self.default_segments = segments
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            CoalitionMethod.REGISTERED_DEFAULTS[cls.name] = cls.default_samples
-
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "CoalitionMethod":
-        samples, fill, segments = parse_coalition_option(option, cls.name)
+        samples, fill, segments = parse_coalition_option(option, cls.name, cls.default_samples)
         return cls(samples, fill, segments)
 
     @property
@@ -163,7 +156,8 @@ class CoalitionMethod(Method):
             raise InputError(f"{self.spec} over {segments} segments needs at least {least} {self.unit}; "
                              f"use {self.name}:{least} or more, or fewer segments (--segments)")
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target,
+                  progress: Progress = NO_PROGRESS) -> Attribution:
         from ..segments import check_duration
         from .masking import SegmentScorer
 
@@ -177,8 +171,9 @@ class CoalitionMethod(Method):
             full, empty = scorer.full_score, scorer.empty_score
             values = torch.zeros(count, dtype=torch.float64)
             values[players] = full - empty
-            extras = {"passes": scorer.passes, "full_score": full, "empty_score": empty, "sum_values": float(values.sum()),
-                      "score_difference": full - empty, "segments_reaching_target": active}
+            extras = {"passes": scorer.passes, "full_score": full, "empty_score": empty,
+                      "sum_values": float(values.sum()), "score_difference": full - empty,
+                      "segments_reaching_target": active}
             return Attribution(paint_segments(values, ids), True, {"segments": segments_text, "segment_count": count},
                                extras)
         self.check_samples(active)
@@ -243,7 +238,8 @@ class KernelShap(CoalitionMethod):
     label = "KernelSHAP"
     in_demo: ClassVar[bool] = False  # the demo shows shap; a regression needs ≥ 2 S coalitions
     default_samples = 1000
-    summary = "KernelSHAP: Shapley values of segments by weighted regression (option: N coalitions[:FILL], e.g. kernelshap:1000)"
+    summary = ("KernelSHAP: Shapley values of segments by weighted regression (option: N coalitions[:FILL], "
+               "e.g. kernelshap:1000)")
 
     def minimum_samples(self, segments: int) -> int:
         return 2 * segments  # enough pairs for the regression and its standard errors
@@ -261,7 +257,8 @@ class LimeMethod(CoalitionMethod):
     signed = True
     default_samples = 500
     demo_spec: ClassVar[str] = "lime:40:cubes:32"
-    summary = f"LIME: sparse linear surrogate over segments (option: N coalitions[:FILL], e.g. lime:500); R² < {shapley.LIME_MIN_R2} is warned"
+    summary = (f"LIME: sparse linear surrogate over segments (option: N coalitions[:FILL], e.g. lime:500); "
+               f"R² < {shapley.LIME_MIN_R2} is warned")
 
     def minimum_samples(self, segments: int) -> int:
         return segments + 1

@@ -95,7 +95,8 @@ def random_ranks(rows: int, segments: int, generator: torch.Generator) -> torch.
     return torch.rand(rows, segments, generator=generator).argsort(1).argsort(1)
 
 
-def permutation_shapley(value: ValueFunction, segments: int, permutations: int, generator: torch.Generator) -> Estimate:
+def permutation_shapley(value: ValueFunction, segments: int, permutations: int,
+                        generator: torch.Generator) -> Estimate:
     """Antithetic permutation sampling.
 
     ``permutations`` orders (rounded up to an even number, at least 4) in pairs: a uniformly random
@@ -201,7 +202,7 @@ def lime_kernel(keep: torch.Tensor, width: float = LIME_KERNEL_WIDTH) -> torch.T
 
 def weighted_lasso(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: float, iterations: int = 5000,
                    tolerance: float = 1e-10) -> tuple[torch.Tensor, float]:
-    """``argmin (1 / 2Σw) Σ w (y − c − xβ)² + α ‖β‖₁`` (scikit-learn's weighted Lasso objective) by FISTA.
+    """``argmin (1 / 2Σw) Σ w (y − c − xβ)² + α ‖β‖₁`` (scikit-learn's weighted Lasso) by FISTA.
 
     Args:
         x: (n, S) float64; y: (n,) float64; w: (n,) float64 ≥ 0.
