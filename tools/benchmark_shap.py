@@ -154,13 +154,16 @@ def default_table(args):
     method = Shap()
     method.spacing_mm = tuple(float(s) for s in model_input.model_geometry.spacing)
     model.passes.reset()
+    cpu = time.process_time()
     attribution, seconds = timed(lambda: method.attribute(model, model_input.tensor, target))
+    cpu = time.process_time() - cpu
     extras = attribution.extras
     print(f"\n3. default shap ({method.spec}, segments {attribution.parameters['segments']}: "
           f"{attribution.parameters['segment_count']}), region target over the tumour mask "
           f"({target.region['voxels']} voxels), "
           f"input {tuple(model_input.tensor.shape[2:])}")
-    print(f"  {seconds:.1f} s, {extras['passes']} coalitions, {model.passes.forward} window passes; Σ values "
+    print(f"  {seconds:.1f} s ({cpu:.1f} s CPU time on {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f}), {extras['passes']} coalitions, {model.passes.forward} window passes; Σ values "
           f"{extras['sum_values']:.4g} = f(x) − f(fill) {extras['score_difference']:.4g}; goal < 60 s")
 
 
