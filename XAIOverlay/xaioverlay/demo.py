@@ -36,11 +36,11 @@ def bundle_path(name: str) -> Path:
 
 
 def demo_methods(model: LoadedModel) -> list[str]:
-    """Every registered method the model allows, with settings that keep the demo short."""
+    """Every registered method the model allows and that has a demo setting short enough (``in_demo``)."""
     return [
         getattr(cls, "demo_spec", cls.name)
         for cls in REGISTRY.values()
-        if cls.unavailable(model) is None
+        if getattr(cls, "in_demo", True) and cls.unavailable(model) is None
     ]
 
 

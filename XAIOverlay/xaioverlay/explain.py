@@ -66,10 +66,12 @@ class MethodResult:
     non_finite: dict = field(default_factory=lambda: {"nan": 0, "posinf": 0, "neginf": 0})
 
     def warning(self) -> str | None:
-        """One line for the user when the map had non-finite values, else None."""
-        if not any(self.non_finite.values()):
-            return None
-        return non_finite_warning(self.label, self.non_finite, self.model_grid_map.numel())
+        """One line for the user when the map had non-finite values or the method warned (e.g. LIME's low
+        R²: ``extras["warning"]``), else None."""
+        lines = [self.extras.get("warning")]
+        if any(self.non_finite.values()):
+            lines.append(non_finite_warning(self.label, self.non_finite, self.model_grid_map.numel()))
+        return "; ".join(line for line in lines if line) or None
 
     def record(self) -> dict:
         values = self.volume.array
@@ -124,7 +126,7 @@ class Explanation:
         return Volume(array.astype(np.uint8), reference, f"{self.anatomy.name} segmentation")
 
     def warnings(self) -> list[str]:
-        """One line per method whose map had non-finite values (shown by the CLI and the Slicer module)."""
+        """One line per method whose map had non-finite values or that warned (shown by the CLI and the Slicer module)."""
         return [line for line in (r.warning() for r in self.results) if line]
 
     def record(self) -> dict:

@@ -2,7 +2,8 @@
 
 Method specs (CLI ``--methods``, comma-separated): ``name`` or ``name:option``, e.g.
 ``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``lrp:zero/uniform``, ``ig:32``,
-``occlusion:20mm/10mm``, ``occlusion-adaptive:400``, ``attention``, ``attention:level=1``.
+``occlusion:20mm/10mm``, ``occlusion-adaptive:400``, ``attention``, ``attention:level=1``, ``shap:16``,
+``kernelshap:1000``, ``lime:500``, ``shap-guided:4000``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..errors import InputError
 from .attention import Attention
 from .base import Attribution, Method
 from .cam import GradCAM, GradCAMPlusPlus, HiResCAM
+from .coalitions import GuidedShap, KernelShap, LimeMethod, Shap
 from .gradients import GradientTimesInput, IntegratedGradients
 from .lrp import LRP
 from .occlusion import AdaptiveOcclusion, Occlusion
@@ -21,7 +23,7 @@ REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         GradCAM, GradCAMPlusPlus, HiResCAM, LRP, GradientTimesInput, IntegratedGradients, Attention, Occlusion,
-        AdaptiveOcclusion,
+        AdaptiveOcclusion, Shap, KernelShap, LimeMethod, GuidedShap,
     )
 }
 

@@ -552,3 +552,15 @@ class SegmentScorer:
         masks = SegmentMasks(self.segments, self.boxes, keep, self._ids_by_view)
         with torch.inference_mode(), full_float32():
             return self.masked.clean_score - self.masked.drops(masks, report)
+
+    def reachable_segments(self, chunk: int = 256) -> torch.Tensor:
+        """(S,) bool: False where filling the segment cannot change the target in any coalition (it lies
+        outside what the target reads through the receptive field, in every window used): a dummy player,
+        whose Shapley value is 0 and whose removal from the game leaves the other values unchanged."""
+        count, device = self.num_segments, self.segments.device
+        reach = []
+        for start in range(0, count, chunk):
+            alone = torch.ones((min(chunk, count - start), count), dtype=torch.bool, device=device)
+            alone[torch.arange(len(alone)), torch.arange(start, start + len(alone))] = False
+            reach.append(self.masked.reachable(SegmentMasks(self.segments, self.boxes, alone, self._ids_by_view)))
+        return torch.cat(reach)
