@@ -84,7 +84,8 @@ def test_vit_tokens_are_listed_as_the_feature_map_they_form_and_gradcam_reads_th
     model = transformer_model(tmp_path, "ViT")
     x = torch.randn(1, 1, 32, 32, 32)
     tokens = {layer.name: layer.output_shape for layer in candidate_layers(model, x) if layer.tokens}
-    assert tokens == {"blocks.0": (1, 48, 4, 4, 4), "blocks.1": (1, 48, 4, 4, 4)}  # 8³ patches of 32³, class token dropped
+    # 8³ patches of 32³, class token dropped
+    assert tokens == {"blocks.0": (1, 48, 4, 4, 4), "blocks.1": (1, 48, 4, 4, 4)}
     method = build_method("gradcam")
     method.prepare(model, x)
     # the class token is read after the last block: the tokens entering it are the last that reach the decision

@@ -126,7 +126,8 @@ class Explanation:
         return Volume(array.astype(np.uint8), reference, f"{self.anatomy.name} segmentation")
 
     def warnings(self) -> list[str]:
-        """One line per method whose map had non-finite values or that warned (shown by the CLI and the Slicer module)."""
+        """One line per method whose map had non-finite values or that warned (shown by the CLI and the Slicer
+        module)."""
         return [line for line in (r.warning() for r in self.results) if line]
 
     def record(self) -> dict:

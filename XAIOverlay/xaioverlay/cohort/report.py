@@ -318,7 +318,8 @@ def cases_html(data: CohortData) -> str:
                   if model.get("task") == "classification" else _number(_float(row.get("dice"))))
         similar = ", ".join(
             f"<a href='#case-{html.escape(s['similar_case_id'])}'>{html.escape(s['similar_case_id'])}</a> "
-            f"({_number(_float(s['cosine_similarity']))}{', label ' + html.escape(s['label']) if s.get('label') else ''})"
+            f"({_number(_float(s['cosine_similarity']))}"
+            f"{', label ' + html.escape(s['label']) if s.get('label') else ''})"
             for s in data.similar.get(case, []))
         status = f"failed: {html.escape(row.get('error') or '')}" if failed else "done"
         rows.append(f"<tr id='case-{html.escape(case)}'{' class=failed' if failed else ''}>"
