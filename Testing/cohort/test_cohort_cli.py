@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import SMALL_DENSENET, save_spec_model
+from support import SMALL_DENSENET, save_spec_model
 from test_cohort_manifest import BAD_MANIFESTS
 from test_cohort_run import SMALL_GRID
 from xaioverlay.phantoms import make_phantom

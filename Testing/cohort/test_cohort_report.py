@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import SMALL_DENSENET, SMALL_UNET, save_spec_model
+from support import SMALL_DENSENET, SMALL_UNET, save_spec_model
 from test_cohort_run import write_cases
 from xaioverlay.cohort import CaseSettings, run_cohort
 from xaioverlay.cohort.performance import (bootstrap_mean, class_performance, confusion_matrix, dice, label_index,

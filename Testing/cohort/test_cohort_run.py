@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SMALL_DENSENET, save_spec_model
+from support import SMALL_DENSENET, save_spec_model
 from xaioverlay.cohort import CaseSettings, run_cohort
 from xaioverlay.cohort.case import CASE_RECORD, CHECKSUMS
 from xaioverlay.metrics.evaluate import MetricOptions

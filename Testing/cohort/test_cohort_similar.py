@@ -27,7 +27,7 @@ def test_nearest_cases_k_larger_than_the_cohort_gives_every_other_case():
 def test_pooled_features_run_the_windows_without_building_the_whole_output(tmp_path, monkeypatch):
     import torch
 
-    from conftest import SMALL_UNET, save_spec_model
+    from support import SMALL_UNET, save_spec_model
     from xaioverlay.cohort.similar import pooled_features
     from xaioverlay.models import load_model
     from xaioverlay.sliding import window_slices

@@ -176,7 +176,7 @@ def test_strategies_of_a_method_the_cohort_did_not_run_refused_in_one_line(tmp_p
 @pytest.mark.slow
 def test_strategies_of_a_real_cohort_run_schema_and_mean_maps(tmp_path):
     pytest.importorskip("distributed", reason="cohorts need dask[distributed] (the test extra installs it)")
-    from conftest import SMALL_DENSENET, save_spec_model
+    from support import SMALL_DENSENET, save_spec_model
     from test_cohort_run import SMALL_GRID, write_cases
     from xaioverlay.cohort import CaseSettings, run_cohort
 

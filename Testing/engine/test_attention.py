@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks import nets
 
-from conftest import save_spec_model
+from support import save_spec_model
 from test_transformers import SMALL_UNETR, SMALL_VIT
 from xaioverlay.errors import ModelError
 from xaioverlay.explain import explain

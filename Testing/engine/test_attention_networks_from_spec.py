@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import save_spec_model
+from support import save_spec_model
 from xaioverlay.cli import main
 from xaioverlay.methods.attention import SE_REASON
 from xaioverlay.volumes import Geometry, Volume, write_volume

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_UNET, save_spec_model
+from support import SMALL_UNET, save_spec_model
 from xaioverlay.errors import ModelError
 from xaioverlay.explain import attribute, explain
 from xaioverlay.layers import candidate_layers, default_layer

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import blob_volume
+from support import blob_volume
 from xaioverlay.cli import main
 from xaioverlay.volumes import Geometry, Volume, read_volume, write_volume
 
@@ -105,7 +105,7 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, capsys, case, prob
     elif problem == "class":
         args["--target"] = "class:tumor"
     elif problem == "empty_mask":
-        from conftest import save_spec_model, SMALL_UNET
+        from support import save_spec_model, SMALL_UNET
 
         args["--model"] = save_spec_model(tmp_path / "unet", SMALL_UNET, task="segmentation", class_names=["bg", "tumour"])
         args["--target"] = f"channel:1@mask:{write_raw(tmp_path, 'empty.nrrd', np.zeros(GRID.size, np.uint8))}"

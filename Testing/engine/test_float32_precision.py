@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import save_spec_model
+from support import save_spec_model
 from test_occlusion_exact import BN_UNET, grid_volume, occluder, randomise_batchnorm, relative_difference
 from xaioverlay.explain import explain
 from xaioverlay.methods.gradients import GradientTimesInput

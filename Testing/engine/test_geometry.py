@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from conftest import blob_volume, oblique_geometry, save_bundle
+from support import blob_volume, oblique_geometry, save_bundle
 from xaioverlay.cli import main
 from xaioverlay.explain import explain, to_input_grid
 from xaioverlay.models import load_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from conftest import blob_volume, oblique_geometry, save_spec_model
+from support import blob_volume, oblique_geometry, save_spec_model
 from xaioverlay.cli import main
 from xaioverlay.explain import explain
 from xaioverlay.models import load_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import save_spec_model
+from support import save_spec_model
 from test_occlusion_exact import BN_UNET, grid_volume, randomise_batchnorm
 from xaioverlay.explain import explain
 from xaioverlay.methods.lrp import LRP, Composite, Epsilon, Gamma, ZBox

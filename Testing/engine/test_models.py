@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMALL_UNET, save_bundle, save_spec_model
+from support import SMALL_UNET, save_bundle, save_spec_model
 from xaioverlay.errors import ModelError
 from xaioverlay.models import load_model, resolve_device
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume, oblique_geometry
+from support import blob_volume, oblique_geometry
 from nnunet_folder import (CONFIGURATION, build_network, checkpoint_dict, make_dataset, make_plans,
                            write_model_folder)
 from xaioverlay.errors import InputError, ModelError
@@ -370,7 +370,7 @@ def test_channels_not_matching_dataset_json_end_in_one_line(folder):
 
 
 def test_nnunet_options_on_another_format_are_refused(tmp_path):
-    from conftest import SMALL_UNET, save_spec_model
+    from support import SMALL_UNET, save_spec_model
 
     spec = save_spec_model(tmp_path, SMALL_UNET, task="segmentation", class_names=["bg", "fg"])
     one_line_error(spec, "--folds applies to other model formats", folds="0")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from conftest import kinks_volume, save_square_root_kinks
+from support import kinks_volume, save_square_root_kinks
 from xaioverlay.cli import main
 from xaioverlay.volumes import Geometry, read_volume, write_volume
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import blob_volume, oblique_geometry, save_spec_model
+from support import blob_volume, oblique_geometry, save_spec_model
 from xaioverlay import cli
 from xaioverlay.errors import Cancelled
 from xaioverlay.explain import explain

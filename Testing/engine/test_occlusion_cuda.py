@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_spec_model
+from support import save_spec_model
 from test_occlusion_exact import BN_UNET, RESNET, grid_volume, occluder, randomise_batchnorm, relative_difference
 from xaioverlay.explain import explain
 from xaioverlay.methods.occlusion import BRUTE_FORCE, Occlusion

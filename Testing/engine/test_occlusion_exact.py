@@ -7,7 +7,7 @@ import pytest
 import torch
 from captum.attr import Occlusion as CaptumOcclusion
 
-from conftest import SMALL_DENSENET, blob_volume, save_spec_model
+from support import SMALL_DENSENET, blob_volume, save_spec_model
 from xaioverlay.explain import explain
 from xaioverlay.methods.occlusion import BRUTE_FORCE, Occlusion, Speedups
 from xaioverlay.methods import boxes as box_ops

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume, oblique_geometry, save_spec_model
+from support import blob_volume, oblique_geometry, save_spec_model
 from xaioverlay import cli, sliding
 from xaioverlay.errors import InputError
 from xaioverlay.explain import explain

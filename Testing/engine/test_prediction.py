@@ -12,7 +12,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import save_spec_model
+from support import save_spec_model
 from xaioverlay.errors import ModelError
 from xaioverlay.explain import explain
 from xaioverlay.methods.occlusion import Occlusion

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SMALL_UNET, blob_volume, oblique_geometry, rotation_x, rotation_z, save_spec_model
+from support import SMALL_UNET, blob_volume, oblique_geometry, rotation_x, rotation_z, save_spec_model
 from xaioverlay.explain import explain
 from xaioverlay.models import load_model
 from xaioverlay.volumes import Geometry, resample_additive, resample_array

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import blob_volume, oblique_geometry, save_spec_model
+from support import blob_volume, oblique_geometry, save_spec_model
 from xaioverlay import cli
 from xaioverlay.errors import InputError
 from xaioverlay.explain import explain

@@ -18,7 +18,7 @@ from captum.attr import KernelShap, Lime, ShapleyValueSampling
 from captum._utils.models.linear_model import SkLearnLinearRegression
 from monai.networks.nets import UNet
 
-from conftest import blob_volume
+from support import blob_volume
 from xaioverlay.methods import shapley
 from xaioverlay.volumes import Geometry
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMALL_UNET, blob_volume, oblique_geometry, save_spec_model
+from support import SMALL_UNET, blob_volume, oblique_geometry, save_spec_model
 from xaioverlay.cli import main
 from xaioverlay.errors import InputError
 from xaioverlay.explain import explain
@@ -150,7 +150,7 @@ def test_shap_over_a_label_volume_given_in_the_method_spec_equals_the_two_player
 
 
 def test_evaluate_measures_shap_and_lime_and_puts_them_in_the_agreement_table(tmp_path):
-    from conftest import SMALL_DENSENET
+    from support import SMALL_DENSENET
 
     spec = save_spec_model(tmp_path / "dense", SMALL_DENSENET, task="classification", class_names=["no", "yes"])
     image = write_volume(blob(Geometry((40, 36, 32), (1.5, 1.5, 2.0), (0.0, 0.0, 0.0))), tmp_path / "blob.nrrd")

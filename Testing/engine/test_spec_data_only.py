@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import SMALL_DENSENET, SMALL_UNET, save_spec_model
+from support import SMALL_DENSENET, SMALL_UNET, save_spec_model
 from xaioverlay.errors import ModelError
 from xaioverlay.models import load_model
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import save_spec_model
+from support import save_spec_model
 from xaioverlay.methods import build_method
 from xaioverlay.models import load_model
 from xaioverlay.targets import Target

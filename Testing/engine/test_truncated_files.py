@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import oblique_geometry
+from support import oblique_geometry
 from xaioverlay.errors import InputError
 from xaioverlay.volumes import Volume, read_volume, write_volume
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import blob_volume, oblique_geometry
+from support import blob_volume, oblique_geometry
 from xaioverlay.errors import InputError
 from xaioverlay.volumes import Geometry, Volume, read_volume, read_volumes, resample_array, write_volume
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SMALL_DENSENET, SMALL_UNET, blob_volume, oblique_geometry, save_spec_model
+from support import SMALL_DENSENET, SMALL_UNET, blob_volume, oblique_geometry, save_spec_model
 from xaioverlay.cli import main
 from xaioverlay.metrics.report import BEST_COLOUR, PALETTE
 from xaioverlay.volumes import Geometry, write_volume

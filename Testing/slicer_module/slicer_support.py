@@ -9,33 +9,15 @@ the map's top voxels are the bright lesion, wherever the lesion is placed.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from support import SMALL_UNET, blob_volume, oblique_geometry, save_spec_model  # noqa: F401  (for the tests)
 from tools.offscreen_views import capture, create_views, pixel_of, write_png  # noqa: F401  (for the tests)
 from xaioverlay.volumes import Geometry, Volume
-
-
-def _root_helpers():
-    """``Testing/conftest.py``'s helpers, loaded under their own name (both conftest files are "conftest")."""
-    name = "xaioverlay_testing_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_helpers = _root_helpers()
-SMALL_UNET = _helpers.SMALL_UNET
-blob_volume = _helpers.blob_volume
-oblique_geometry = _helpers.oblique_geometry
-save_spec_model = _helpers.save_spec_model
 
 
 SIZE = (32, 32, 32)
