@@ -10,7 +10,8 @@ tumour — the classifier's "tumour" class, the segmenter's tumour channel over 
 region — and is measured against the phantom's tumour mask, with maps compared inside its brain
 mask; LRP's conservation error and IG's completeness error (relative, summed over windows) are shown
 beside. Models: ``classifier`` and ``segmenter`` (the demo bundles), ``attention_unet`` and
-``swin_unetr`` (tumour segmenters trained by ``tools/train_attention_models.py``). Prints, per model, mean ± sd over phantoms of each metric per method; ``--out`` also writes
+``swin_unetr`` (tumour segmenters trained by ``tools/train_attention_models.py``). Prints, per model,
+mean ± sd over phantoms of each metric per method; ``--out`` also writes
 every phantom's ``metrics.json`` row set as CSV and the summary as JSON and Markdown.
 """
 
@@ -111,7 +112,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (default 20)")
     parser.add_argument("--models", default="classifier,segmenter",
-                        help="models to compare: classifier, segmenter, attention_unet, swin_unetr (default: the first two)")
+                        help="classifier, segmenter, attention_unet, swin_unetr (default: the first two)")
     parser.add_argument("--methods", default=None, help="comma-separated method specs (default: every registered method, demo settings)")
     parser.add_argument("--step", type=float, default=0.05, help="deletion/insertion step fraction (default 0.05)")
     parser.add_argument("--depth", default="3", help="randomisation depth: blocks from the top, or all (default 3)")
@@ -125,7 +126,7 @@ def main() -> int:
     if args.summarise:
         return summarise_csv(Path(args.summarise))
 
-    from xaioverlay.demo import CLASSIFIER, SEGMENTER, bundle_path, demo_methods
+    from xaioverlay.demo import ATTENTION_UNET, CLASSIFIER, SEGMENTER, SWIN_UNETR, bundle_path, demo_methods
     from xaioverlay.metrics.evaluate import MetricOptions, evaluate
     from xaioverlay.models import load_model
     from xaioverlay.phantoms import HELD_OUT_SEEDS, make_phantom
@@ -136,8 +137,7 @@ def main() -> int:
     options = MetricOptions(step_fraction=args.step, randomisation_depth=None if args.depth == "all" else int(args.depth),
                             tolerance_mm=args.tolerance_mm, batch_size=8, road=args.road)
     models = {"classifier": (CLASSIFIER, "class:tumour"), "segmenter": (SEGMENTER, "channel:tumour"),
-              "attention_unet": ("tumour_attention_unet", "channel:tumour"),
-              "swin_unetr": ("tumour_swin_unetr", "channel:tumour")}
+              "attention_unet": (ATTENTION_UNET, "channel:tumour"), "swin_unetr": (SWIN_UNETR, "channel:tumour")}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in models]
     if unknown:

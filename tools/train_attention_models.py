@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_demo_models as demo  # noqa: E402
 
-ATTENTION_UNET = "tumour_attention_unet"
-SWIN_UNETR = "tumour_swin_unetr"
+from xaioverlay.demo import ATTENTION_UNET, SWIN_UNETR  # noqa: E402
 
 #: Training crops: 32³ (an eighth of the 64³ inference window: what makes CPU training take minutes), each
 #: holding a tumour voxel where its phantom has one. Inference runs on 64³ windows like the demo segmenter.
+#: (SwinUNETR's bottleneck is then 1³, so it takes BatchNorm: InstanceNorm cannot normalise one voxel.)
 CROP = (32, 32, 32)
 #: name → (network_def, training steps, crop batch, peak learning rate, weights dtype, one-line description)
 MODELS = {
@@ -53,7 +53,7 @@ MODELS = {
             "channels": [8, 16, 32, 64],
             "strides": [2, 2, 2],
         },
-        400, 4, 2e-3, None,
+        150, 4, 2e-3, None,
         "MONAI AttentionUnet (channels 8-64, BatchNorm, additive attention gates on each skip connection)",
     ),
     SWIN_UNETR: (
@@ -66,10 +66,10 @@ MODELS = {
             "depths": [2, 2, 2, 2],
             "num_heads": [3, 6, 12, 24],
             "window_size": 4,
-            "norm_name": "instance",
+            "norm_name": "batch",
         },
-        300, 2, 1e-3, torch.float16,
-        "MONAI SwinUNETR (feature size 12, depths 2-2-2-2, 4^3 shifted windows, InstanceNorm decoder)",
+        150, 2, 1e-3, torch.float16,
+        "MONAI SwinUNETR (feature size 12, depths 2-2-2-2, 4^3 shifted windows, BatchNorm decoder)",
     ),
 }
 #: Phantom seeds 0 .. PAIRS-1 are rendered with a tumour and as tumour-free twins for training.
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--which", choices=[ATTENTION_UNET, SWIN_UNETR, "both"], default="both")
     parser.add_argument("--out", type=Path, default=demo.REPO / "Resources" / "bundles")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 400 AttentionUnet, 300 SwinUNETR)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 150 for each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (figures are reproducible per count)")
     parser.add_argument("--device", default="cpu")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": f"phantom seeds 0..{PAIRS - 1} with tumour and as tumour-free twins, each rendered on the "
             "default grid rotated up to 12 deg and shifted up to 6 mm; random flips on all axes and intensity "
             "scale/shift per crop",
-            "norm": "batch" if name == ATTENTION_UNET else "instance (decoder), layer (transformer)",
+            "norm": "batch" if name == ATTENTION_UNET else "batch (convolutional blocks), layer (transformer)",
             "weights_dtype": str(dtype or torch.float32).replace("torch.", ""),
             "versions": {"torch": torch.__version__, "monai": demo.monai.__version__, "numpy": np.__version__},
         }
