@@ -9,7 +9,7 @@ import torch
 from monai.networks import nets
 
 from conftest import save_spec_model
-from test_transformers import SMALL_SWINUNETR, SMALL_UNETR, SMALL_VIT
+from test_transformers import SMALL_UNETR, SMALL_VIT
 from xaioverlay.errors import ModelError
 from xaioverlay.explain import explain
 from xaioverlay.methods import build_method
@@ -138,7 +138,6 @@ def test_gate_map_of_an_untrained_attention_unet_stays_in_the_unit_interval():
     (lambda: nets.SEResNet50(spatial_dims=3, in_channels=1, num_classes=2), SE_REASON),
     (lambda: nets.EfficientNetBN("efficientnet-b0", spatial_dims=3, in_channels=1, num_classes=2), SE_REASON),
     (lambda: nets.UNet(3, 1, 2, (4, 8), (2,)), "UNet has no attention gates or self-attention blocks; use gradcam"),
-    (lambda: build(SMALL_SWINUNETR), "SwinUNETR's shifted windows is not yet supported; use gradcam"),
 ])
 def test_method_is_unavailable_with_a_one_line_reason(network, reason):
     model = loaded(network())
@@ -146,7 +145,7 @@ def test_method_is_unavailable_with_a_one_line_reason(network, reason):
     assert why is not None and reason in why and "\n" not in why
     entry = next(m for m in method_catalogue(model) if m["name"] == "attention")  # what the Slicer module lists
     assert entry["allowed"] is False and entry["reason"] == why
-    with pytest.raises(ModelError, match="not yet supported|reweight channels|no attention"):
+    with pytest.raises(ModelError, match="reweight channels|no attention"):
         Attention().attribute(model, torch.randn(1, 1, 64, 64, 64), CLASS_1)
 
 
@@ -205,3 +204,81 @@ def test_cli_writes_the_attention_map_for_unetr_and_exits_1_with_the_reason_for_
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "UNet has no attention gates or self-attention blocks; use gradcam/lrp/occlusion" in err
+
+
+def swin_attending_to_one_token(token: tuple[int, int, int], strength: float = 5.0):
+    """A SwinUNETR (16³ tokens from 32³ voxels, windows of 4³ shifted by 2 in every second block) whose
+    first stage attends only to ``token`` wherever the token is in a query's window, set by hand:
+
+    - the patch embedding maps a patch of ones to (8, −8, 0, …) and a patch of zeros to 0; the input is
+      zero except ``token``'s patch, so after each block's LayerNorm only that token is non-zero;
+    - first stage: queries are a constant (bias 1, weight 0), keys ``strength`` × (n₀ − n₁) in every
+      channel, so the token's logit is about 10·strength and every other token's 0 (softmax ≈ one-hot);
+    - later stages: queries zero, so attention is uniform within each window;
+    - values, the attention output projection and the MLP's output are zero, so every block passes its
+      tokens on unchanged (the token stays the only non-zero one in both blocks of the first stage).
+    """
+    torch.manual_seed(0)
+    network = nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(2, 2, 2, 2),
+                             num_heads=(3, 3, 3, 3), window_size=(4, 4, 4), norm_name="batch")
+    swin = network.swinViT
+    with torch.no_grad():
+        swin.patch_embed.proj.weight.zero_()
+        swin.patch_embed.proj.weight[0] = 1.0
+        swin.patch_embed.proj.weight[1] = -1.0
+        swin.patch_embed.proj.bias.zero_()
+        for number, stage in enumerate((swin.layers1[0], swin.layers2[0], swin.layers3[0], swin.layers4[0])):
+            for block in stage.blocks:
+                channels = block.attn.qkv.in_features
+                block.attn.qkv.weight.zero_()
+                block.attn.qkv.bias.zero_()
+                block.attn.relative_position_bias_table.zero_()
+                if number == 0:
+                    block.attn.qkv.bias[:channels] = 1.0
+                    block.attn.qkv.weight[channels:2 * channels, 0] = strength
+                    block.attn.qkv.weight[channels:2 * channels, 1] = -strength
+                for layer in (block.attn.proj, block.mlp.linear2):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+    x = torch.zeros(1, 1, 32, 32, 32)
+    x[0, 0, 2 * token[0]: 2 * token[0] + 2, 2 * token[1]: 2 * token[1] + 2, 2 * token[2]: 2 * token[2] + 2] = 1
+    return network, x
+
+
+def test_swin_window_rollout_peaks_at_the_token_every_window_attends_to_and_follows_the_shifted_windows():
+    token = (5, 9, 3)
+    network, x = swin_attending_to_one_token(token)
+    model = loaded(network)
+    attribution = Attention().attribute(model, x, CLASS_1)
+    assert attribution.parameters["blocks"] == 8 and attribution.parameters["stages"] == 4
+    scores = attribution.map[::2, ::2, ::2]  # one value per 2×2×2 patch token
+    assert torch.equal(attribution.map, scores.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2))
+    peak = float(scores[token])
+    others = scores.clone()
+    others[token] = 0
+    assert peak > 10 * float(others.max())  # half of every query's row in the token's windows goes to it
+    # by hand, the windows around the token: unshifted [4,8)×[8,12)×[0,4); shifted by 2 (rolled back):
+    # [2,6)×[6,10)×[2,6). Queries there gave half their share to the token, so they keep less than
+    # tokens in neither window (0.72 of their mean here; a rollout ignoring the shift gave 0.96, and a
+    # peak only 1.9× the next token)
+    unshifted = torch.zeros(16, 16, 16, dtype=torch.bool)
+    unshifted[4:8, 8:12, 0:4] = True
+    shifted = torch.zeros(16, 16, 16, dtype=torch.bool)
+    shifted[2:6, 6:10, 2:6] = True
+    shifted_only, neither = shifted & ~unshifted, ~shifted & ~unshifted
+    shifted_only[token] = neither[token] = False
+    assert float(scores[shifted_only].mean()) < 0.85 * float(scores[neither].mean())
+    assert float(attribution.map.sum()) == pytest.approx(8.0, rel=1e-4)  # scores sum to 1, 8 voxels each
+    assert not attribution.signed
+
+
+def test_swin_window_rollout_is_available_and_runs_on_a_stock_swin_unetr_spec(tmp_path):
+    from test_transformers import SMALL_SWINUNETR
+
+    spec = save_spec_model(tmp_path / "swin", SMALL_SWINUNETR, task="segmentation",
+                           class_names=["background", "tumour"])
+    model = load_model(spec, device="cpu")
+    assert Attention.unavailable(model) is None
+    attribution = build_method("attention").attribute(model, torch.randn(1, 1, 64, 64, 64), CLASS_1)
+    assert attribution.map.shape == (64, 64, 64) and float(attribution.map.min()) > 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.network.modules())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -50,3 +52,43 @@ def test_transformer_loads_from_spec_and_runs_gradient_times_input_and_gradcam(t
         attribution = method.attribute(model, x, target)
         assert attribution.map.shape == (size, size, size)
         assert torch.isfinite(attribution.map).all() and float(attribution.map.abs().sum()) > 0, spec
+
+
+def test_gradcam_defaults_to_a_convolutional_decoder_map_on_unetr_and_swinunetr_and_layers_lists_it(tmp_path, capsys):
+    from xaioverlay.cli import main
+    from xaioverlay.volumes import Geometry, Volume, write_volume
+
+    for name, decoder in (("UNETR", "decoder3"), ("SwinUNETR", "decoder2")):
+        model = transformer_model(tmp_path, name)
+        size = TRANSFORMERS[name][2]
+        method = build_method("gradcam")
+        method.prepare(model, torch.zeros(1, 1, size, size, size))
+        assert method.layer_in_use == decoder  # UnetrUpBlock: convolutions on a (B, K, X, Y, Z) map
+        volume = Volume(torch.rand(size, size, size).numpy(), Geometry((size,) * 3, (1.0,) * 3, (0.0,) * 3))
+        image = write_volume(volume, tmp_path / f"{name}.nrrd")
+        code = main(["layers", "--model", str(tmp_path / name / "model.yaml"), "--input", str(image)])
+        listing = capsys.readouterr().out.splitlines()
+        assert code == 0
+        assert any(line.split()[0] == decoder and line.endswith("(default)") for line in listing[1:])
+        # inside SwinUNETR's stages tensors are channel-last (B, D, H, W, C), inside UNETR's transformer
+        # blocks they are tokens or rearranged queries/keys/values: none is listed as a feature map
+        names = [line.split()[0] for line in listing[1:]]
+        inside = re.compile(r"(vit\.blocks\.\d+\.|swinViT\.layers\d\.0\.)")
+        assert not [n for n in names if inside.match(n)]
+        assert (name == "UNETR") == ("vit.blocks.11" in names)  # UNETR's tokens, as the map they form
+
+
+def test_vit_tokens_are_listed_as_the_feature_map_they_form_and_gradcam_reads_them(tmp_path):
+    from xaioverlay.layers import candidate_layers
+
+    model = transformer_model(tmp_path, "ViT")
+    x = torch.randn(1, 1, 32, 32, 32)
+    tokens = {layer.name: layer.output_shape for layer in candidate_layers(model, x) if layer.tokens}
+    assert tokens == {"blocks.0": (1, 48, 4, 4, 4), "blocks.1": (1, 48, 4, 4, 4)}  # 8³ patches of 32³, class token dropped
+    method = build_method("gradcam")
+    method.prepare(model, x)
+    # the class token is read after the last block: the tokens entering it are the last that reach the decision
+    assert method.layer_in_use == "blocks.0"
+    attribution = method.attribute(model, x, target_for(model))
+    assert attribution.parameters["layer_shape"] == [48, 4, 4, 4]
+    assert float(attribution.map.std()) > 0

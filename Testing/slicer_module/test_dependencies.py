@@ -49,7 +49,7 @@ def versions(**installed_versions):
     return lambda name: installed_versions.get(name)
 
 
-EVERYTHING = ("torch", "monai", "SimpleITK", "yaml", "psutil")
+EVERYTHING = ("torch", "monai", "SimpleITK", "yaml", "psutil", "einops")
 
 
 def run_install(plan, recorder, **kwargs):
@@ -78,7 +78,7 @@ def test_one_pip_call_pins_the_installed_torch_exactly_and_asks_for_a_monai_that
     recorder = Recorder()
     assert run_install(plan, recorder, versions=versions(torch=torch_version, numpy="2.1.3"))
     assert recorder.calls[1:] == [
-        ("pip", (monai, "PyYAML>=6", "psutil>=5.8", f"torch=={torch_version}", "numpy==2.1.3")),
+        ("pip", (monai, "PyYAML>=6", "psutil>=5.8", "einops>=0.6", f"torch=={torch_version}", "numpy==2.1.3")),
     ]
     assert recorder.calls[0][0] == "ask" and "An installed PyTorch is kept" in recorder.calls[0][1]
 
@@ -109,7 +109,7 @@ def test_torch_through_the_pytorch_extension_then_the_rest_pinned_to_the_build_i
     assert [call[0] for call in recorder.calls] == ["ask", "PyTorchUtils", "pip"]
     assert "matched to your GPU driver" in recorder.calls[0][1]
     assert recorder.calls[2] == ("pip", ("monai>=1.5.1,<1.6", "PyYAML>=6", "psutil>=5.8",
-                                         "torch==2.6.0+cu124", "numpy==1.26.4"))
+                                         "einops>=0.6", "torch==2.6.0+cu124", "numpy==1.26.4"))
 
 
 def test_without_the_extension_torch_comes_from_pip_after_asking_and_numpy_is_kept():
@@ -131,6 +131,14 @@ def test_a_failed_pytorch_extension_install_stops_before_pip():
     recorder = Recorder(torch_ok=False)
     assert run_install(plan, recorder) is False
     assert [call[0] for call in recorder.calls] == ["ask", "PyTorchUtils"]
+
+
+def test_einops_is_installed_for_monai_transformer_networks_when_missing():
+    plan = dependencies.plan_install(installed("torch", "monai", "SimpleITK", "yaml", "psutil"))
+    recorder = Recorder()
+    assert plan.missing == ["einops"]
+    assert run_install(plan, recorder, versions=versions(torch="2.13.0", numpy="2.1.3"))
+    assert recorder.calls[1:] == [("pip", ("einops>=0.6", "torch==2.13.0", "numpy==2.1.3"))]
 
 
 def test_presence_is_checked_without_importing():
@@ -159,7 +167,8 @@ def third_party_imports() -> set[str]:
 
 
 def test_what_is_installed_is_exactly_what_the_code_imports_and_slicer_lacks():
-    installs = {"torch"} | {name for name, _ in dependencies.PACKAGES}
+    # einops: imported by MONAI's transformer blocks (UNETR, SwinUNETR, ViT), not by our code
+    installs = {"torch"} | {name for name, _ in dependencies.PACKAGES} - {"einops"}
     slicer_ships = {"slicer", "qt", "ctk", "vtk", "numpy"}
     optional = {"PyTorchUtils"}  # the PyTorch extension, used when present
     # montage and report of the CLI, and `xaioverlay cohort` (the `cohort` extra); never imported on the module's path
@@ -173,7 +182,7 @@ def test_what_is_installed_is_exactly_what_the_code_imports_and_slicer_lacks():
 
 
 def test_a_torch_pip_does_not_know_is_not_risked():
-    plan = dependencies.plan_install(installed("torch", "SimpleITK", "psutil"))
+    plan = dependencies.plan_install(installed("torch", "SimpleITK", "psutil", "einops"))
     recorder = Recorder()
     with pytest.raises(dependencies.DependencyError, match="no package metadata.*monai>=1.3, PyYAML>=6 yourself"):
         run_install(plan, recorder, versions=versions(numpy="2.1.3"))

@@ -3,8 +3,9 @@
 PyTorch comes first and the right build matters (CUDA version vs. driver): when the PyTorch extension
 (SlicerPyTorch, module ``PyTorchUtils``) is installed, its logic picks and installs a build that
 matches the GPU driver; otherwise the user is asked, then ``pip`` installs the default build. The
-packages the engine imports that Slicer may lack (MONAI, SimpleITK, PyYAML, psutil) follow in one
-``pip`` call, after one question.
+packages the engine imports that Slicer may lack (MONAI, SimpleITK, PyYAML, psutil), and einops,
+which MONAI's transformer networks (UNETR, SwinUNETR, ViT) import, follow in one ``pip`` call, after
+one question.
 
 The installed PyTorch is never replaced: every ``pip`` call names the installed ``torch`` (and
 ``numpy``, which Slicer ships) at their exact versions — a CUDA build's ``2.5.1+cu121`` included — so
@@ -37,12 +38,14 @@ MONAI_FOR_TORCH = (
 )
 #: (import name, pip requirement) of what the engine imports and Slicer may lack, in installation
 #: order; MONAI's requirement depends on the installed torch. numpy ships with Slicer; matplotlib is
-#: imported only by the command line's montage and report, never on the module's path.
+#: imported only by the command line's montage and report, never on the module's path. einops is not
+#: imported by the engine itself: MONAI's transformer blocks import it (without it they fail to build).
 PACKAGES = (
     ("monai", None),
     ("SimpleITK", "SimpleITK>=2.3"),
     ("yaml", "PyYAML>=6"),
     ("psutil", "psutil>=5.8"),
+    ("einops", "einops>=0.6"),
 )
 #: Distributions kept at their installed version by every pip call.
 KEPT = ("torch", "numpy")

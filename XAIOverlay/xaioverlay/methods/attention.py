@@ -14,10 +14,21 @@
   input patch reaches the outputs on average"). Each patch's value fills that patch's voxels on the
   model grid; voxels no patch covers (sizes not divisible by the patch) are 0.
 
+- **Shifted-window attention** (MONAI ``SwinUNETR``; its ``WindowAttention``): a per-window rollout.
+  Each block attends within windows of its stage's token grid, the windows of every second block
+  cyclically shifted. A block's attention (mean over heads) is placed back on the grid through the same
+  window partition and shift the block used, giving a sparse token-to-token matrix ``Ā_l`` over the
+  stage's tokens (attention to padding tokens dropped); as for ViT, ``normalise(Ā_l + I)`` per block
+  and the product over blocks. Between stages the patch merging forms each token from its 2×2×2
+  children: the rollout passes a token's share to its children in equal parts. The map is the mean row
+  of the product from the deepest stage's tokens (every one feeds the decoder) back to the patch tokens,
+  each patch token's value spread over its voxels. It is computed as a row vector carried backwards
+  block by block, so the matrices are never formed (memory of one block's attention). The decoder's
+  convolutional skip connections are not attention and are not part of the rollout.
+
 The map does not depend on the target (it is the network's own weighting); on sliding-window models
 it runs per window like the CAMs, over the windows that touch the target, summed where they overlap.
-``SwinUNETR``'s shifted windows and squeeze-excitation blocks are refused with the reason (see
-:meth:`Attention.unavailable`).
+Squeeze-excitation blocks are refused with the reason (see :meth:`Attention.unavailable`).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
+from ..layers import patch_size
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
@@ -48,6 +60,11 @@ def gate_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
 def self_attention_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
     """MONAI ``SABlock``s (softmax self-attention), in forward order of a ViT's blocks."""
     return [m for m in network.modules() if _type_name(m) == "SABlock"]
+
+
+def window_attention_stages(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """MONAI Swin transformer stages (``BasicLayer``s of ``WindowAttention`` blocks), in forward order."""
+    return [m for m in network.modules() if _type_name(m) == "BasicLayer" and hasattr(m, "blocks")]
 
 
 def has_squeeze_excitation(network: torch.nn.Module) -> bool:
@@ -120,16 +137,110 @@ def tokens_to_voxels(scores: torch.Tensor, patch: tuple[int, int, int], shape: t
     return F.pad(values, pads)
 
 
-def patch_size(network: torch.nn.Module) -> tuple[int, int, int]:
-    """The patch size of MONAI's ``PatchEmbeddingBlock`` (convolution or perceptron projection)."""
-    blocks = [m for m in network.modules() if _type_name(m) == "PatchEmbeddingBlock"]
-    if len(blocks) != 1:
-        raise ModelError(f"attention rollout needs one PatchEmbeddingBlock; this network has {len(blocks)}")
-    embedding = blocks[0].patch_embeddings
-    if isinstance(embedding, torch.nn.Conv3d):
-        return tuple(int(k) for k in embedding.kernel_size)
-    lengths = dict(getattr(embedding[0], "axes_lengths", {}))  # perceptron: einops Rearrange with p1, p2, p3
-    return tuple(int(lengths[f"p{axis}"]) for axis in (1, 2, 3))
+Grid = tuple[int, int, int]
+
+
+def window_token_index(grid: Grid, window: Grid, shift: Grid) -> torch.Tensor:
+    """Which grid token sits at each place of each window of a Swin block, as MONAI's block arranges them
+    (pad to whole windows at the end of each axis, roll by −shift, ``window_partition``).
+
+    Args:
+        grid: the stage's token grid (d, h, w); window, shift: the block's (after ``get_window_size``).
+    Returns:
+        (windows, tokens per window) long: flat C-order grid index, −1 for a padding token.
+    """
+    from monai.networks.nets.swin_unetr import window_partition
+
+    index = torch.arange(grid[0] * grid[1] * grid[2], dtype=torch.float64).reshape(1, *grid, 1)
+    pads = [p for axis in reversed(range(3)) for p in (0, (-grid[axis]) % window[axis])]
+    index = F.pad(index, [0, 0, *pads], value=-1.0)
+    if any(shift):
+        index = torch.roll(index, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    return window_partition(index, window)[..., 0].long()
+
+
+def carry_through_windows(scores: torch.Tensor, attention: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """One block of the rollout, carried backwards: ``scores · normalise(Ā + I)`` for the block's windowed
+    attention ``Ā`` (mean over heads), without forming the grid-sized matrix.
+
+    Args:
+        scores: (N,) over the stage's grid tokens (sums to 1).
+        attention: (windows, H, n, n), rows summing to 1 (columns of padding tokens included).
+        index: (windows, n) from :func:`window_token_index`.
+    Returns:
+        (N,) scores before the block.
+    """
+    real = (index >= 0).to(scores.dtype)
+    mixed = attention.to(scores.dtype).mean(1) * real[:, None, :]
+    mixed = mixed + torch.diag_embed(real)
+    mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    carried = torch.einsum("wi,wij->wj", scores[index.clamp(min=0)] * real, mixed)
+    result = torch.zeros_like(scores)
+    return result.index_put_((index[real.bool()],), carried[real.bool()], accumulate=True)
+
+
+def spread_to_children(scores: torch.Tensor, parent: Grid, child: Grid) -> torch.Tensor:
+    """Backwards through a patch merging: each parent token's score shared equally by its 2×2×2 children
+    (fewer at an odd edge). (Π parent,) → (Π child,)."""
+    ones = F.pad(torch.ones(1, 1, *child, dtype=scores.dtype), [p for s in reversed(child) for p in (0, s % 2)])
+    counts = F.avg_pool3d(ones, 2)[0, 0] * 8
+    values = (scores.reshape(parent) / counts)
+    for axis in range(3):
+        values = values.repeat_interleave(2, dim=axis)
+    return values[: child[0], : child[1], : child[2]].reshape(-1)
+
+
+def window_rollout(blocks: list[dict], deepest: Grid) -> torch.Tensor:
+    """Per-window rollout of a Swin transformer (see the module docstring): the mean row of
+    Π_blocks normalise(Ā_l + I), with the patch mergings between stages, as scores over the first stage's
+    tokens.
+
+    Args:
+        blocks: in forward order, each ``{"stage", "grid", "window", "shift", "attention"}`` with the
+            attention (windows, H, n, n) of one sample.
+        deepest: the token grid after the last stage's patch merging.
+    Returns:
+        (Π grid of the first stage,) scores summing to 1.
+    """
+    grid = deepest
+    scores = torch.full((deepest[0] * deepest[1] * deepest[2],), 1.0 / (deepest[0] * deepest[1] * deepest[2]),
+                        dtype=torch.float64)
+    stage = None
+    for block in reversed(blocks):
+        if block["stage"] != stage:  # crossing the patch merging at the end of this stage
+            scores = spread_to_children(scores, grid, block["grid"])
+            grid, stage = block["grid"], block["stage"]
+        index = window_token_index(grid, block["window"], block["shift"])
+        scores = carry_through_windows(scores, block["attention"], index)
+    return scores
+
+
+@contextlib.contextmanager
+def captured_window_attention(network: torch.nn.Module):
+    """Record, for every Swin block during the forward passes run inside, its stage, token grid, window,
+    shift and attention matrix (windows, H, n, n) (see :func:`window_rollout`); hooks removed on exit."""
+    from monai.networks.nets.swin_unetr import get_window_size
+
+    records: list[dict] = []
+    handles = []
+    stages = window_attention_stages(network)
+    for number, stage in enumerate(stages):
+        for block in stage.blocks:
+            def before(module, inputs, number=number):
+                grid = tuple(int(s) for s in inputs[0].shape[1:4])
+                window, shift = get_window_size(grid, module.window_size, module.shift_size)
+                records.append({"stage": number, "grid": grid, "window": window, "shift": shift})
+
+            def attention(module, inputs, output):
+                records[-1]["attention"] = output.detach()
+
+            handles.append(block.register_forward_pre_hook(before))
+            handles.append(block.attn.attn_drop.register_forward_hook(attention))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -161,7 +272,8 @@ class Attention(Method):
     label = "Attention"
     signed = False
     needs_internals = True
-    summary = "the network's own attention: gate coefficients (AttentionUnet) or rollout (ViT, UNETR) (option: level=N)"
+    summary = ("the network's own attention: gate coefficients (AttentionUnet) or rollout (ViT, UNETR; per window "
+               "for SwinUNETR) (option: level=N)")
 
     def __init__(self, level: int | None = None) -> None:
         self.level = level
@@ -187,10 +299,7 @@ class Attention(Method):
             return reason
         network = model.network
         kind = _type_name(network)
-        if kind == "SwinUNETR" or any(_type_name(m) == "WindowAttention" for m in network.modules()):
-            return ("attention rollout through SwinUNETR's shifted windows is not yet supported; "
-                    "use gradcam (decoder layer), gxi or occlusion")
-        if gate_modules(network) or self_attention_modules(network):
+        if gate_modules(network) or self_attention_modules(network) or window_attention_stages(network):
             return None
         if has_squeeze_excitation(network):
             return SE_REASON
@@ -210,7 +319,8 @@ class Attention(Method):
             if self.level is not None:
                 raise InputError("attention:level=N picks an attention-gate level; "
                                  "this network has self-attention, use attention")
-            values, parameters = self._rollout(model, x, shape)
+            values, parameters = (self._window_rollout if window_attention_stages(model.network)
+                                  else self._rollout)(model, x, shape)
         progress(1, 1, unit="passes")
         return Attribution(values[0], signed=False, parameters=parameters)
 
@@ -241,4 +351,21 @@ class Attention(Method):
         values = tokens_to_voxels(scores, patch, shape)
         parameters = {"kind": "attention rollout (Abnar & Zuidema 2020)", "blocks": len(matrices),
                       "patch_size": list(patch), "tokens": token}
+        return values, parameters
+
+    def _window_rollout(self, model, x, shape):
+        network = model.network
+        embeddings = [m for m in network.modules() if _type_name(m) == "PatchEmbed" and hasattr(m, "proj")]
+        if len(embeddings) != 1:
+            raise ModelError(f"window attention rollout needs one Swin PatchEmbed; this network has {len(embeddings)}")
+        patch = tuple(int(k) for k in embeddings[0].proj.kernel_size)
+        with captured_window_attention(network) as blocks, torch.no_grad():
+            model.forward(x[:1])  # one sample: the attention then has one row of windows
+        last = blocks[-1]["grid"]
+        deepest = tuple((s + 1) // 2 for s in last)  # the last stage's patch merging
+        scores = window_rollout(blocks, deepest).float()[None]
+        values = tokens_to_voxels(scores, patch, shape)
+        parameters = {"kind": "per-window attention rollout through shifted windows and patch merging",
+                      "blocks": len(blocks), "stages": len({b["stage"] for b in blocks}), "patch_size": list(patch),
+                      "tokens": "mean over the deepest stage's tokens"}
         return values, parameters

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from ..layers import default_layer, find_module
+from ..layers import TOKEN_BLOCKS, default_layer, find_module, token_grid, tokens_to_map
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
@@ -66,6 +66,8 @@ def layer_activation_and_gradient(
     model: LoadedModel, x: torch.Tensor, target: Target, layer: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of ``layer`` and the target's gradient with respect to them; one forward + backward.
+    A transformer block's tokens (B, N, C) are read as the feature map they form (see
+    :func:`~xaioverlay.layers.tokens_to_map`).
 
     Returns:
         (A, G), each (B, K, x, y, z), detached.
@@ -80,13 +82,17 @@ def layer_activation_and_gradient(
             if len(captured) != 1:
                 raise ModelError(f"layer {layer!r} runs {len(captured)} times per forward pass; pick a layer that runs once")
             activations = captured[0]
-            if not isinstance(activations, torch.Tensor) or activations.ndim != 5:
+            tokens = type(module).__name__ in TOKEN_BLOCKS and getattr(activations, "ndim", 0) == 3
+            if not isinstance(activations, torch.Tensor) or (activations.ndim != 5 and not tokens):
                 shape = tuple(activations.shape) if isinstance(activations, torch.Tensor) else type(activations).__name__
                 raise ModelError(f"layer {layer!r} outputs {shape}, not a (B, K, X, Y, Z) feature map; pick a convolutional layer")
             score = target(output).sum()
             (gradients,) = torch.autograd.grad(score, activations)
     finally:
         handle.remove()
+    if tokens:
+        grid = token_grid(model.network, x.shape[2:])
+        activations, gradients = tokens_to_map(activations, grid), tokens_to_map(gradients, grid)
     return activations.detach().float(), gradients.float()
 
 

@@ -27,7 +27,7 @@ CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 DENSE = (nn.Linear,)
 LINEAR_LAYERS = CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + DENSE
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 #: Which weight ``L`` uses: the layer's own, its positive or negative part, its absolute value, or all
 #: ones (flat rule).
@@ -241,3 +241,26 @@ def norm_scale_shift(module: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, 
     if module.bias is not None:
         shift = shift + module.bias.float()
     return scale.to(v.dtype), shift.to(v.dtype)
+
+
+def layer_norm_scale_shift(v: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None,
+                           bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer normalisation over the last ``len(shape)`` dimensions as an element-wise affine map of its
+    input, statistics (each token's mean and standard deviation) detached.
+
+    Args:
+        v: the input, (..., *shape), e.g. (B, N, C) tokens with ``shape`` = (C,).
+    Returns:
+        (scale, shift), broadcastable against ``v``: ``layer_norm(v) == scale ⊙ v + shift`` up to rounding.
+    """
+    v = v.detach().float()
+    dims = tuple(range(v.ndim - len(shape), v.ndim))
+    var, mean = torch.var_mean(v, dim=dims, unbiased=False, keepdim=True)
+    scale = torch.rsqrt(var + eps)
+    shift = -mean * scale
+    if weight is not None:
+        scale = scale * weight.detach().float()
+        shift = shift * weight.detach().float()
+    if bias is not None:
+        shift = shift + bias.detach().float()
+    return scale, shift

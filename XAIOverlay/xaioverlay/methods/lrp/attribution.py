@@ -13,7 +13,7 @@ from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import Attribution, Method, relative_error
 from ..precision import full_float32
-from .canonizers import GATE_RULES, canonized, check_graph
+from .canonizers import ATTENTION_RULE, GATE_RULES, canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, GATE_SPLITS, Composite
 from .rules import ZBox
 
@@ -27,11 +27,13 @@ class Relevance:
         output: (B,) relevance the explanation started from: Σ y ⊙ ∂T/∂y over the network output
             (the explained logit — or the region's weighted sum of logits — for a logit target).
         gates: names of the multiplicative gates crossed (see :data:`.canonizers.GATE_RULES`).
+        attention: how many softmax attention blocks were crossed (see :data:`.canonizers.ATTENTION_RULE`).
     """
 
     input: torch.Tensor
     output: torch.Tensor
     gates: tuple[str, ...] = ()
+    attention: int = 0
 
     def conservation(self) -> dict:
         """Σ input relevance against the starting relevance (summed over the batch)."""
@@ -69,12 +71,12 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
         score = target(output)
         grad_input, grad_output = torch.autograd.grad(score.sum(), [network_input, output], allow_unused=True)
         deposited = session.relevance.value
-        gates = tuple(session.gates)
+        gates, attention = tuple(session.gates), session.attention
     relevance = torch.zeros_like(network_input) if grad_input is None else network_input.detach() * grad_input
     if deposited is not None:
         relevance = relevance + deposited
     start = (output.detach() * grad_output).flatten(1).sum(1)
-    return Relevance(relevance.detach(), start.detach(), gates)
+    return Relevance(relevance.detach(), start.detach(), gates, attention)
 
 
 class LRP(Method):
@@ -149,6 +151,8 @@ class LRP(Method):
             parameters["input_bounds"] = bounds
         if result.gates:
             parameters["gates"] = {"rule": GATE_RULES[composite.gates], "count": len(result.gates)}
+        if result.attention:
+            parameters["attention"] = {"rule": ATTENTION_RULE, "count": result.attention}
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
 
     @classmethod

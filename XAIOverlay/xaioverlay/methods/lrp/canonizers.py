@@ -28,6 +28,32 @@ never written). What it does to the computation:
   half into the gate's branch and on through its layers' rules. That needs the product to be the
   block's output (``AttentionBlock``, ``ChannelSELayer`` without residual); other gated blocks are
   refused in that mode.
+- **Softmax attention** (MONAI ``SABlock`` in ``ViT``/``UNETR``, SwinUNETR's ``WindowAttention``):
+  the attention matrix ``A = softmax(q kᵀ)`` is held constant (detached where the block multiplies the
+  values with it; flash attention, which never forms it, is switched off for the run). ``A v`` is then a
+  bias-free linear map of the values, whose plain gradient is its LRP-0/ε rule (no bias to absorb
+  anything, no division), so relevance flows through the value path and is conserved; none enters
+  ``q`` and ``k``. This is the conservative propagation of Ali et al. (2022), which AttnLRP (Achtibat et
+  al. 2024) also uses for the value path; AttnLRP's own softmax rule would send part of the relevance
+  into the logits ``q kᵀ`` and lose the share a bias-like term absorbs there. Held constant, the
+  attention is treated as the gates are by default (the signal, not the weighting, is explained).
+- **LayerNorm** (``nn.LayerNorm``, and SwinUNETR's functional ``F.layer_norm`` of each stage's output,
+  whose ``proj_out`` is wrapped): per token, ``γ ⊙ (x − μ) / σ + β`` with μ and σ detached is an
+  element-wise affine map; it gets the composite's ``norm`` rule, the identity (pass) rule by default
+  (AttnLRP's rule: the normalisation factor held constant, relevance position by position).
+- **GELU, SiLU** (transformer MLPs): the ``activation`` rule, the identity by default.
+- **Patch and position embeddings.** A convolutional patch embedding is a convolution (the ``first``
+  rule when it reads the input), a perceptron one a rearrangement and a dense layer. The position
+  embeddings (and ViT's class token) are added like a bias: the sum gives them their proportional
+  share, which stays with the parameter (absorbed, as a bias's share is) — on a network with zero
+  position embeddings relevance is conserved. SwinUNETR's relative position bias enters only the
+  held attention logits and takes no relevance.
+- **Reindexing** (SwinUNETR's window partition and reverse, cyclic shift ``torch.roll``, padding and
+  cropping, patch merging's strided slices and concatenation; VNet's ``repeat`` of the input over
+  channels): plain gradients, so relevance follows the values; a repeated tensor receives the sum of
+  its copies' relevance.
+- **In-place activations** (VNet's ``ELU(inplace=True)``) are switched to out-of-place for the run (a
+  layer with a rule must keep its input) and switched back afterwards.
 - **Unsupported layers** raise :class:`~xaioverlay.errors.ModelError` naming the layer and its type
   as soon as they run; after the forward pass, :func:`check_graph` refuses operations written in a
   module's ``forward`` that have no LRP rule (e.g. a product of two feature maps in an attention
@@ -42,10 +68,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ModelError
-from .affine import DENSE, LINEAR_LAYERS, NORMS, TRANSPOSED_CONVOLUTIONS, Affine, channel_view, norm_scale_shift
+from .affine import (DENSE, LINEAR_LAYERS, NORMS, TRANSPOSED_CONVOLUTIONS, Affine, channel_view,
+                     layer_norm_scale_shift, norm_scale_shift)
 from .composites import Composite
 
 #: Layers whose plain gradient is the right propagation: positively homogeneous element-wise maps
@@ -80,9 +108,13 @@ ALLOWED_OPERATIONS = (
     "MaxPool", "AdaptiveMaxPool", "AvgPool", "AdaptiveAvgPool", "MeanBackward", "SumBackward",
     "Upsample", "ConstantPadNdBackward", "ReflectionPad", "ReplicationPad",
     "PixelShuffleBackward", "PixelUnshuffleBackward", "IndexBackward", "FlipBackward",
+    # copies (VNet's channel repetition): the gradient sums the copies' signals, so R(x) = Σ R(copies)
+    "RepeatBackward",
+    # SwinUNETR's window shift: a cyclic reindexing, relevance follows its values
+    "RollBackward",
 )
 #: Allowed only with one operand that carries relevance (scaling by a constant), not a product of two.
-SCALING_OPERATIONS = ("MulBackward", "DivBackward")
+SCALING_OPERATIONS = ("MulBackward", "DivBackward", "BmmBackward", "MmBackward")
 
 #: Blocks that multiply a signal by a gate computed from the network's features, ``x · σ(g(x))``:
 #: class name → the submodule whose output is the gate (or its logit). See :func:`gate_sources`.
@@ -95,6 +127,34 @@ GATE_RULES = {
 GATE_RULE = GATE_RULES["signal"]
 #: Blocks whose output is exactly the gate product (the uniform split halves the relevance arriving there).
 GATE_PRODUCT_BLOCKS = ("AttentionBlock", "ChannelSELayer")
+
+
+#: Parameters that enter the forward pass as additive constants, by class name: MONAI ``ViT``'s class
+#: token and ``PatchEmbeddingBlock``'s position embeddings (added to the patch embeddings like a bias:
+#: the share of relevance the sum gives them stays there, absorbed as a bias's is), and SwinUNETR's
+#: ``WindowAttention`` relative position bias (it enters only the attention logits, held constant).
+CONSTANT_PARAMETERS = {
+    "ViT": ("cls_token",),
+    "PatchEmbeddingBlock": ("position_embeddings",),
+    "WindowAttention": ("relative_position_bias_table",),
+}
+#: Softmax attention blocks → the submodule whose output is the attention matrix that multiplies the
+#: values (a dropout, the identity in eval mode). Its output is held constant (see :func:`canonized`).
+ATTENTION_WEIGHTS = {"SABlock": "drop_weights", "WindowAttention": "attn_drop"}
+#: How relevance crosses softmax attention (recorded with every LRP map of a transformer).
+ATTENTION_RULE = ("attention matrix held constant: relevance flows through the values only, a bias-free linear map "
+                  "(Ali et al. 2022; AttnLRP's value path, Achtibat et al. 2024)")
+
+
+def attention_weights(network: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(attention block, submodule returning its attention matrix) for each softmax attention block."""
+    found = []
+    for module in network.modules():
+        attribute = ATTENTION_WEIGHTS.get(type(module).__name__)
+        source = getattr(module, attribute, None) if attribute else None
+        if isinstance(source, nn.Module):
+            found.append((module, source))
+    return found
 
 
 def gate_sources(network: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -155,7 +215,8 @@ def layer_kind(module: nn.Module) -> str:
         return "activation"
     if isinstance(module, GRADIENT_LAYERS):
         return "gradient"
-    has_own_parameters = any(p is not None for p in module._parameters.values())
+    constants = CONSTANT_PARAMETERS.get(type(module).__name__, ())
+    has_own_parameters = any(p is not None and name not in constants for name, p in module._parameters.items())
     return "unsupported" if has_own_parameters else "free"
 
 
@@ -228,7 +289,10 @@ class _LayerFunction(torch.autograd.Function):
 
 def _bias(module: nn.Module, ndim: int) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
-    return None if bias is None else channel_view(bias.detach().float(), ndim)
+    if bias is None:
+        return None
+    # a dense layer's output channels are its last dimension, (B, C) or (B, N, C) tokens
+    return bias.detach().float() if isinstance(module, DENSE) else channel_view(bias.detach().float(), ndim)
 
 
 class _Session:
@@ -242,6 +306,8 @@ class _Session:
         self.producers: dict[int, tuple[_Step, weakref.ref, nn.Module]] = {}
         self.origins: dict[int, str] = {}
         self.gates: list[str] = []
+        #: how many softmax attention blocks had their attention matrix held constant
+        self.attention = 0
         #: ``id(grad_fn)`` of the gate products the uniform split allows (see :func:`check_graph`).
         self.gate_products: set[int] = set()
 
@@ -280,6 +346,10 @@ class _Session:
 
     def norm_forward(self, module: nn.Module, original: Callable) -> Callable:
         def forward(v: torch.Tensor) -> torch.Tensor:
+            if isinstance(module, nn.LayerNorm):  # per token, over the channels: never folded
+                scale, shift = layer_norm_scale_shift(v, module.normalized_shape, module.weight, module.bias,
+                                                      module.eps)
+                return self.elementwise_norm(v, scale.to(v.dtype), shift.to(v.dtype), original)
             scale, shift = norm_scale_shift(module, v)
             scale, shift = channel_view(scale, v.ndim), channel_view(shift, v.ndim)
             entry = self.producers.get(id(v))
@@ -299,18 +369,31 @@ class _Session:
                 )
                 before.output = None  # the convolution's own output is only recomputed if still needed
                 return self._apply(before.input, step)
-            is_input = v is self.input
-
-            def elementwise() -> Affine:
-                return Affine(None, scale, shift)
-
-            step = _Step(
-                self.composite.rule("first" if is_input else "norm"), self.relevance, is_input,
-                run=original, layer=elementwise, recompute=lambda inputs: elementwise().output(inputs),
-            )
-            return self._apply(v, step)
+            return self.elementwise_norm(v, scale, shift, original)
 
         return forward
+
+    def elementwise_norm(self, v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                         run: Callable) -> torch.Tensor:
+        """A normalisation on its own, ``scale ⊙ v + shift`` (statistics detached), with the ``norm`` rule."""
+        is_input = v is self.input
+
+        def elementwise() -> Affine:
+            return Affine(None, scale, shift)
+
+        step = _Step(
+            self.composite.rule("first" if is_input else "norm"), self.relevance, is_input,
+            run=run, layer=elementwise, recompute=lambda inputs: elementwise().output(inputs),
+        )
+        return self._apply(v, step)
+
+    def layer_norm(self, v: torch.Tensor, shape: tuple[int, ...], eps: float = 1e-5) -> torch.Tensor:
+        """``F.layer_norm(v, shape)`` (no affine parameters) with the ``norm`` rule, as for ``nn.LayerNorm``."""
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(inputs, shape, eps=eps)
+
+        scale, shift = layer_norm_scale_shift(v, shape, None, None, eps)
+        return self.elementwise_norm(v, scale.to(v.dtype), shift.to(v.dtype), run)
 
     def activation_forward(self, module: nn.Module, original: Callable) -> Callable:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -338,9 +421,14 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
     Run the forward and backward pass inside the ``with`` block.
     """
     session = _Session(composite, network_input)
-    replaced: list[tuple[nn.Module, object]] = []
+    overridden: list[tuple[object, str, object]] = []  # (object, attribute, previous own value or missing)
     handles = []
     missing = object()
+
+    def override(owner: object, attribute: str, value: object) -> None:
+        overridden.append((owner, attribute, owner.__dict__.get(attribute, missing)))
+        setattr(owner, attribute, value)
+
     try:
         blocks = dict(network.named_modules())
         for name, module in gate_sources(network):
@@ -351,7 +439,14 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
             else:
                 handles.append(module.register_forward_hook(_hold_gate))
             session.gates.append(name)
+        for block, weights in attention_weights(network):
+            handles.append(weights.register_forward_hook(_hold_gate))
+            if getattr(block, "use_flash_attention", False):  # flash attention never forms the matrix to hold
+                override(block, "use_flash_attention", False)
+            session.attention += 1
         for name, module in network.named_modules():
+            if type(module).__name__ == "SwinTransformer" and hasattr(module, "proj_out"):
+                override(module, "proj_out", _normalized_stage_output(session))
             kind = layer_kind(module)
             if kind in ("free", "gradient"):
                 handles.append(module.register_forward_hook(session.record_origin(name or "(network)", module)))
@@ -360,23 +455,36 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
                 handles.append(module.register_forward_pre_hook(_refuse(name or type(module).__name__, module)))
                 continue
             original = module.forward
-            replaced.append((module, module.__dict__.get("forward", missing)))
             if kind == "norm":
-                module.forward = session.norm_forward(module, original)
+                override(module, "forward", session.norm_forward(module, original))
             elif kind == "activation":
-                module.forward = session.activation_forward(module, original)
+                # VNet's in-place ELU: a layer with a rule must not overwrite its input
+                if getattr(module, "inplace", False) is True:
+                    override(module, "inplace", False)
+                override(module, "forward", session.activation_forward(module, original))
             else:
-                module.forward = session.linear_forward(module, original, kind)
+                override(module, "forward", session.linear_forward(module, original, kind))
         yield session
     finally:
         for handle in handles:
             handle.remove()
-        for module, previous in reversed(replaced):
+        for owner, attribute, previous in reversed(overridden):
             if previous is missing:
-                del module.forward
+                delattr(owner, attribute)
             else:
-                module.forward = previous
+                setattr(owner, attribute, previous)
         session.producers.clear()
+
+
+def _normalized_stage_output(session: _Session) -> Callable:
+    """SwinUNETR's ``SwinTransformer.proj_out``: each stage's output layer-normalised over its channels
+    with ``F.layer_norm`` in the forward code; here through the ``norm`` rule, as an ``nn.LayerNorm``."""
+    def proj_out(x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if not normalize:
+            return x
+        return session.layer_norm(x.movedim(1, -1), (x.shape[1],)).movedim(-1, 1)
+
+    return proj_out
 
 
 def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None, products: set[int] = frozenset()) -> None:
