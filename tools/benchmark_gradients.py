@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         from xaioverlay.demo import ATTENTION_UNET, CLASSIFIER, SEGMENTER, SWIN_UNETR, bundle_path
 
         models = [str(bundle_path(name)) for name in (CLASSIFIER, SEGMENTER, ATTENTION_UNET, SWIN_UNETR)]
+        for path in [m for m in models if not Path(m).is_dir()]:
+            print(f"{path}: not found (train it with tools/train_attention_models.py); not measured")
+            models.remove(path)
     import torch
 
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads")
