@@ -1,6 +1,6 @@
 """Cost of LRP, gradient × input and integrated gradients, as ratios to one forward+backward pass.
 
-    python tools/benchmark_gradients.py                        # the demo bundles
+    python tools/benchmark_gradients.py                        # the demo bundles, AttentionUnet, SwinUNETR
     python tools/benchmark_gradients.py --model PATH [PATH..]  # any bundle, spec or TorchScript file
 
 For each model, on one input of the size the network sees (the sliding window for a windowed
@@ -163,7 +163,8 @@ def report(name: str, results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", help="models to measure (default: the demo bundles)")
+    parser.add_argument("--model", nargs="+",
+                        help="models to measure (default: the demo bundles, the AttentionUnet and SwinUNETR bundles)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds over all items (IG: two)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
@@ -174,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         models = args.model
     else:
-        from xaioverlay.demo import CLASSIFIER, SEGMENTER, bundle_path
+        from xaioverlay.demo import ATTENTION_UNET, CLASSIFIER, SEGMENTER, SWIN_UNETR, bundle_path
 
-        models = [str(bundle_path(CLASSIFIER)), str(bundle_path(SEGMENTER))]
+        models = [str(bundle_path(name)) for name in (CLASSIFIER, SEGMENTER, ATTENTION_UNET, SWIN_UNETR)]
+        for path in [m for m in models if not Path(m).is_dir()]:
+            print(f"{path}: not found (train it with tools/train_attention_models.py); not measured")
+            models.remove(path)
     import torch
 
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads")

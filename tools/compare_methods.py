@@ -1,13 +1,17 @@
-"""Which method to trust on which model: every registered method, held-out phantoms, both demo models.
+"""Which method to trust on which model: every registered method, held-out phantoms, the demo models.
 
     python tools/compare_methods.py --phantoms 20
     python tools/compare_methods.py --phantoms 20 --step 0.01 --depth all --out comparison/   # slower, fuller
+    python tools/compare_methods.py --phantoms 20 --models attention_unet,swin_unetr           # attention models
 
 For each held-out phantom (``xaioverlay.phantoms.HELD_OUT_SEEDS``, each with a tumour) and each demo
 model, every method the model allows (``methods.REGISTRY``, with its demo settings) explains the
 tumour — the classifier's "tumour" class, the segmenter's tumour channel over its own predicted
 region — and is measured against the phantom's tumour mask, with maps compared inside its brain
-mask. Prints, per model, mean ± sd over phantoms of each metric per method; ``--out`` also writes
+mask; LRP's conservation error and IG's completeness error (relative, summed over windows) are shown
+beside. Models: ``classifier`` and ``segmenter`` (the demo bundles), ``attention_unet`` and
+``swin_unetr`` (tumour segmenters trained by ``tools/train_attention_models.py``). Prints, per model,
+mean ± sd over phantoms of each metric per method; ``--out`` also writes
 every phantom's ``metrics.json`` row set as CSV and the summary as JSON and Markdown.
 """
 
@@ -36,6 +40,8 @@ SUMMARY = [
     ("pointing_game", "pointing game", "↑"),
     ("relevance_mass", "relevance mass", "↑"),
     ("relevance_rank", "relevance rank", "↑"),
+    ("conservation_error", "LRP conservation error", "↓"),
+    ("completeness_error", "IG completeness error", "↓"),
     ("sparseness", "Gini sparseness", "↑"),
     ("entropy", "entropy", "↓"),
     ("randomisation_spearman", "randomisation ρ", "↓"),
@@ -75,6 +81,12 @@ def markdown_table(model: str, table: dict, methods: list[str], chance: dict, ex
     return "\n".join(lines)
 
 
+def self_check_errors(extras: dict) -> dict:
+    """LRP's conservation and IG's completeness error (relative) from a method's extras, where it has them."""
+    return {f"{key}_error": extras[key]["relative_error"] for key in ("conservation", "completeness")
+            if isinstance(extras.get(key), dict) and extras[key].get("relative_error") is not None}
+
+
 def _number(text: str):
     try:
         return float(text)
@@ -99,7 +111,8 @@ def summarise_csv(path: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (default 20)")
-    parser.add_argument("--models", default="classifier,segmenter", help="demo models to compare (default both)")
+    parser.add_argument("--models", default="classifier,segmenter",
+                        help="classifier, segmenter, attention_unet, swin_unetr (default: the first two)")
     parser.add_argument("--methods", default=None, help="comma-separated method specs (default: every registered method, demo settings)")
     parser.add_argument("--step", type=float, default=0.05, help="deletion/insertion step fraction (default 0.05)")
     parser.add_argument("--depth", default="3", help="randomisation depth: blocks from the top, or all (default 3)")
@@ -113,7 +126,7 @@ def main() -> int:
     if args.summarise:
         return summarise_csv(Path(args.summarise))
 
-    from xaioverlay.demo import CLASSIFIER, SEGMENTER, bundle_path, demo_methods
+    from xaioverlay.demo import ATTENTION_UNET, CLASSIFIER, SEGMENTER, SWIN_UNETR, bundle_path, demo_methods
     from xaioverlay.metrics.evaluate import MetricOptions, evaluate
     from xaioverlay.models import load_model
     from xaioverlay.phantoms import HELD_OUT_SEEDS, make_phantom
@@ -123,8 +136,12 @@ def main() -> int:
     seeds = list(HELD_OUT_SEEDS)[: args.phantoms]
     options = MetricOptions(step_fraction=args.step, randomisation_depth=None if args.depth == "all" else int(args.depth),
                             tolerance_mm=args.tolerance_mm, batch_size=8, road=args.road)
-    models = {"classifier": (CLASSIFIER, "class:tumour"), "segmenter": (SEGMENTER, "channel:tumour")}
+    models = {"classifier": (CLASSIFIER, "class:tumour"), "segmenter": (SEGMENTER, "channel:tumour"),
+              "attention_unet": (ATTENTION_UNET, "channel:tumour"), "swin_unetr": (SWIN_UNETR, "channel:tumour")}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in models]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(models)}")
     rows: list[dict] = []
     summaries: dict = {}
     started = time.perf_counter()
@@ -140,7 +157,8 @@ def main() -> int:
                                   body_mask=phantom.brain_mask, options=options)
             for key, value in (evaluation.reference or {}).get("chance", {}).items():
                 chance_values.setdefault(key, []).append(value)
-            for row in evaluation.rows():
+            for row, result in zip(evaluation.rows(), evaluation.explanation.results):
+                row.update(self_check_errors(result.extras))
                 row.update({"model": role, "seed": seed,
                             "randomisation_pass": None if "randomisation_verdict" not in row else float(row["randomisation_verdict"] == "pass")})
                 rows.append(row)

@@ -414,29 +414,53 @@ def classify_accuracy(net, validation, device):
     return correct / (len(positives) + len(negatives)), flipped / len(twins)
 
 
-def train_segmenter(inference, pool, validation, steps, seed, device, freeze_norm_at, log_every=50, validate_every=250):
+def crop_corners(rng: np.random.Generator, n: int, roi_size=ROI_SIZE, masks=None) -> np.ndarray:
+    """(n, 3) random corners of ``roi_size`` crops of the default grid; an axis the crop fills draws nothing.
+
+    With ``masks`` (n of (ni, nj, nk)), each crop holds a voxel drawn at random from its mask, where the
+    mask has any (crops much smaller than the grid would otherwise miss a small tumour most of the time).
+    """
+    corners = np.zeros((n, 3), dtype=int)
+    size = np.array(DEFAULT_GEOMETRY.size)
+    for axis in range(3):
+        free = size[axis] - roi_size[axis]
+        if free > 0:
+            corners[:, axis] = rng.integers(0, free + 1, n)
+    for index, mask in enumerate(masks if masks is not None else []):
+        voxels = torch.nonzero(mask)
+        if len(voxels):
+            voxel = voxels[rng.integers(len(voxels))].numpy()
+            corner = voxel - rng.integers(0, np.array(roi_size))
+            corners[index] = np.clip(corner, 0, size - np.array(roi_size))
+    return corners
+
+
+def train_segmenter(
+    inference, pool, validation, steps, seed, device, freeze_norm_at, log_every=50, validate_every=250,
+    roi_size=ROI_SIZE, batch_size=2, peak_lr=1e-3, centre_on_tumour=False,
+):
     positives, twins, negatives = pool
     torch.manual_seed(seed)
     net = build_network(inference).to(device)
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimiser = torch.optim.Adam(net.parameters(), lr=peak_lr)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     rng = np.random.default_rng([seed, 3])
     losses = []
     start = time.time()
-    free = DEFAULT_GEOMETRY.size[1] - ROI_SIZE[1]
     for step in range(steps):
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate(step, steps)
+            group["lr"] = learning_rate(step, steps, peak_lr)
         samples = []
-        for _ in range(2):  # batch of two 64^3 crops; one in six tumour-free
+        for _ in range(batch_size):  # random crops; one in six tumour-free
             if rng.random() < 5 / 6:
                 samples.append(positives[rng.integers(len(positives))])
             else:
                 samples.append((twins + negatives)[rng.integers(len(twins) + len(negatives))])
-        offsets = rng.integers(0, free + 1, len(samples))
-        images = torch.stack([s.image[:, :, o : o + ROI_SIZE[1]] for s, o in zip(samples, offsets)])
-        masks = torch.stack([s.mask[:, o : o + ROI_SIZE[1]] for s, o in zip(samples, offsets)])
-        images, masks = augment(images, masks, rng, [[0], [1]])
+        corners = crop_corners(rng, batch_size, roi_size, [s.mask for s in samples] if centre_on_tumour else None)
+        crops = [tuple(slice(c, c + r) for c, r in zip(corner, roi_size)) for corner in corners]
+        images = torch.stack([s.image[(slice(None), *crop)] for s, crop in zip(samples, crops)])
+        masks = torch.stack([s.mask[crop] for s, crop in zip(samples, crops)])
+        images, masks = augment(images, masks, rng, [[i] for i in range(batch_size)])
         set_train_mode(net, freeze_norm=step >= int(freeze_norm_at * steps))
         loss = loss_function(net(images.to(device)), masks[:, None].long().to(device))
         optimiser.zero_grad()
@@ -446,7 +470,7 @@ def train_segmenter(inference, pool, validation, steps, seed, device, freeze_nor
         if (step + 1) % log_every == 0:
             print(
                 f"  segmenter step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.3f}  "
-                f"lr {learning_rate(step, steps):.1e}  {time.time() - start:.0f} s",
+                f"lr {learning_rate(step, steps, peak_lr):.1e}  {time.time() - start:.0f} s",
                 flush=True,
             )
         if (step + 1) % validate_every == 0 or step + 1 == steps:
@@ -564,12 +588,15 @@ def evaluate_segmenter(bundle: Path, device: str, n_seeds: int) -> dict:
 # ------------------------------------------------------------------------------------------- main
 
 
-def write_bundle(out: Path, which: str, inference: dict, net: torch.nn.Module) -> Path:
-    name = {"classifier": "tumour_classifier", "segmenter": "tumour_segmenter"}[which]
+def write_bundle(out: Path, which: str, inference: dict, net: torch.nn.Module, dtype=None) -> Path:
+    """Write configs/inference.json and models/model.pt (a plain state dict, floats cast to ``dtype`` if given)."""
+    name = {"classifier": "tumour_classifier", "segmenter": "tumour_segmenter"}.get(which, which)
     bundle = out / name
     write_json(bundle / "configs" / "inference.json", inference)
     (bundle / "models").mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, bundle / "models" / "model.pt")
     return bundle
 

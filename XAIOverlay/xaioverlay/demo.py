@@ -15,6 +15,9 @@ from .volumes import write_volume
 
 CLASSIFIER = "tumour_classifier"
 SEGMENTER = "tumour_segmenter"
+#: Tumour segmenters with attention (trained by tools/train_attention_models.py; not part of the demo run).
+ATTENTION_UNET = "tumour_attention_unet"
+SWIN_UNETR = "tumour_swin_unetr"
 #: The held-out phantom the demo explains.
 DEMO_SEED = 100_000
 
