@@ -63,13 +63,15 @@ def serve_process(arguments: list[str], folder: Path):
         process.kill()
         log.seek(0)
         pytest.fail(f"xaioverlay serve printed no address within 180 s; stderr:\n{log.read()[-3000:]}")
-    yield url
-    process.terminate()
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        yield url
+    finally:  # also when the test using it fails
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
 
 
 @pytest.fixture(scope="session")

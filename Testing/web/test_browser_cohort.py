@@ -83,3 +83,18 @@ def test_next_shows_the_second_cases_stored_maps_and_a_similar_case_jumps_back(c
                                   ".classList.contains('v-list-item--active')", timeout=20_000)
     check_views(cohort_page, made[0], METHODS, timeout=20.0)
     assert requests_sent(cohort_page) == "0"
+
+
+def test_without_a_model_the_stored_maps_show_and_explain_is_disabled_with_its_reason(browser, cohort, phantoms,
+                                                                                       tmp_path):
+    for url in serve_process(["--cohort", str(cohort), "--cache", str(tmp_path / "cache")], tmp_path):
+        tab = browser.new_page(viewport={"width": 1400, "height": 1000}, device_scale_factor=1)
+        tab.goto(url)
+        tab.wait_for_function("() => document.querySelector('[data-testid=progress]')?.textContent.trim() === 'done'",
+                              timeout=60_000)
+        check_views(tab, phantoms[0][0], METHODS)
+        assert tab.get_by_test_id("explain").is_disabled()
+        assert "needs a model" in tab.get_by_test_id("explain-reason").inner_text()
+        offered = tab.locator("[data-testid^=method-]").evaluate_all("boxes => boxes.map(b => b.dataset.testid)")
+        assert offered == [f"method-{method}" for method in METHODS]  # the cohort's methods only: none computes
+        tab.close()
