@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import serve_process, with_our_code
-from test_browser_workflow import check_views, run_and_wait
+from test_browser_workflow import check_views, run_and_wait, tick
 
 pytestmark = pytest.mark.slow  # a cohort run, a server start and a browser: about two minutes on two shared cores
 
@@ -83,6 +83,14 @@ def test_next_shows_the_second_cases_stored_maps_and_a_similar_case_jumps_back(c
                                   ".classList.contains('v-list-item--active')", timeout=20_000)
     check_views(cohort_page, made[0], METHODS, timeout=20.0)
     assert requests_sent(cohort_page) == "0"
+
+
+def test_with_the_model_explain_computes_a_method_the_cohort_did_not_run(cohort_page, phantoms):
+    tick(cohort_page, METHODS, ticked=False)
+    tick(cohort_page, ["lrp"])  # offered after the cohort's methods, from the model
+    run_and_wait(cohort_page, "explain")
+    check_views(cohort_page, phantoms[0][0], ["lrp"])
+    assert requests_sent(cohort_page) == "1"
 
 
 def test_without_a_model_the_stored_maps_show_and_explain_is_disabled_with_its_reason(browser, cohort, phantoms,

@@ -62,8 +62,9 @@ class OverlayPage:
         case_list.load_case(app.scene, logic.browser.current)
         self._init_state(cases)
         self._bind()
-        if cohort is not None:  # the first case's stored maps, shown at the first tick
-            self._start(0, self.server.state.chosen, self.server.state.target)
+        if cohort is not None:  # Next shows stored maps: computing the next case ahead would be wasted
+            logic.prefetch_next = False
+            self._start(0, self.server.state.chosen, self.server.state.target)  # shown at the first tick
 
     # --- views -------------------------------------------------------------------------------------
     def _create_views(self) -> list:
