@@ -123,6 +123,7 @@ def tick(page, methods, ticked: bool = True) -> None:
 
 def test_requests_without_the_token_are_refused(served):
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import aiohttp
 
@@ -139,10 +140,14 @@ def test_requests_without_the_token_are_refused(served):
             except aiohttp.WSServerHandshakeError as error:
                 return str(error.status)
 
+    def opens(cookies: dict) -> str:  # on its own thread: a Playwright page of another test runs this one's loop
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, websocket(cookies)).result()
+
     token = served.split("token=")[1]
-    assert asyncio.run(websocket({})) == "403"
-    assert asyncio.run(websocket({"xaioverlay_token": "wrong"})) == "403"
-    assert asyncio.run(websocket({"xaioverlay_token": token})) == "open"
+    assert opens({}) == "403"
+    assert opens({"xaioverlay_token": "wrong"}) == "403"
+    assert opens({"xaioverlay_token": token}) == "open"
 
 
 def test_explain_three_methods_shows_maps_over_the_tumour(page, phantoms):

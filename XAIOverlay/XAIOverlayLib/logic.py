@@ -190,6 +190,7 @@ class OverlayLogic:
         self.last_job: Job | None = None
         self.pinned: set[str] = set()  # IDs of case volumes kept when moving to another case
         self.compare_tags: list[str] = []
+        self.requests_sent = 0  # explain requests sent to the worker (a page shows it: stored maps send none)
 
     # --- the model ---------------------------------------------------------------------------------
     def describe(self, model: str, device: str = "auto", then: Callable[[dict], None] | None = None,
@@ -313,6 +314,7 @@ class OverlayLogic:
 
     def _send(self, job: Job, inputs: list[str], methods: list[str], target_spec: str | None, request: ExplainRequest) -> None:
         job.sent = list(methods)
+        self.requests_sent += 1
         job.state = "running"
         job.status = "starting the worker" if not self.client.running else "queued"
         job.request_id = self.client.send({
@@ -324,6 +326,16 @@ class OverlayLogic:
             "evaluate": bool(request.evaluate), "reference_mask": job.reference_mask, "amp": bool(request.amp),
             "segments": request.segments or None,
         })
+
+    def show_stored(self, volume, stored: dict, model: str, target_text: str) -> Job:
+        """A finished job showing maps computed elsewhere (a cohort's case folder), by spec as
+        :class:`CachedMap` entries: their nodes are made as cached maps' are; nothing is computed."""
+        job = Job(list(stored), {}, str(model), target_text, volume_id=volume.GetID(), state="done",
+                  status="stored maps (nothing computed)")
+        for spec, cached in stored.items():
+            job.maps[spec] = self._map_node(volume, spec, cached, str(model), target_text).GetID()
+        self.last_job = job
+        return job
 
     def prefetch(self, case: case_list.Case, template: ExplainRequest) -> Job | None:
         """Compute a case's maps in the background (cache only, no nodes); None when nothing to do.
@@ -707,9 +719,10 @@ class OverlayLogic:
         self.browser = case_list.CaseBrowser(cases)
         return self.browser
 
-    def open_case(self, step: int, template: ExplainRequest | None = None) -> tuple[object, Job | None]:
+    def open_case(self, step: int, template: ExplainRequest | None = None,
+                  explain: bool = True) -> tuple[object, Job | None]:
         """Move ``step`` cases (0: the current one), release the previous one unless pinned, load the
-        new one and start explaining it like ``template`` (cached maps appear at once)."""
+        new one and (unless not ``explain``) start explaining it like ``template`` (cached maps appear at once)."""
         if self.browser is None or not self.browser.cases:
             raise ValueError("no case list; choose a case folder or use the volumes in the scene")
         previous = self.browser.current
@@ -726,7 +739,7 @@ class OverlayLogic:
                 previous.node_id = None
         volume = case_list.load_case(self.scene, case)
         template = template or self.last_request
-        if template is None:
+        if template is None or not explain:
             return volume, None
         return volume, self.explain(replace(template, volumes=[volume]))
 

@@ -40,6 +40,11 @@ def build_layout(page: OverlayPage):
                             disabled=("running || case_index === 0",), raw_attrs=[testid("case-previous")])
                     v3.VBtn("Next", click=(server.controller.next_case, CHOICE), size="small",
                             disabled=("running || case_index >= cases.length - 1",), raw_attrs=[testid("case-next")])
+                with html.Div(v_show="similar.length", classes="mb-3", raw_attrs=[testid("similar-cases")]):
+                    html.Div("Similar cases", classes="text-subtitle-2")
+                    v3.VListItem(v_for="item in similar", key="item.id", title=("item.text",), density="compact",
+                                 click=(server.controller.open_similar, f"[item.id, {CHOICE[1:-1]}]"),
+                                 disabled=("running",), raw_attrs=[':data-testid="\'similar-\' + item.id"'])
                 v3.VSelect(label="Target", v_model=("target",), items=("classes",), density="compact",
                            raw_attrs=[testid("target")])
                 html.Div("Methods", classes="text-subtitle-2")
@@ -48,12 +53,14 @@ def build_layout(page: OverlayPage):
                                  raw_attrs=[testid(f"method-{method}")])
                 with html.Div(classes="d-flex my-3"):
                     v3.VBtn("Explain", click=(server.controller.explain, CHOICE), color="primary", classes="mr-2",
-                            disabled=("running",), raw_attrs=[testid("explain")])
+                            disabled=("running || !!explain_reason",), raw_attrs=[testid("explain")])
                     v3.VBtn("Cancel", click=server.controller.cancel, disabled=("!running",),
                             raw_attrs=[testid("cancel")])
                 v3.VProgressLinear(model_value=("progress_value",), height=6, color="primary")
+                html.Div("{{ explain_reason }}", v_show="explain_reason", classes="text-caption",
+                         raw_attrs=[testid("explain-reason")])
                 html.Div("{{ progress_text }}", classes="text-body-2 mt-1",
-                         raw_attrs=[testid("progress"), ':data-run="run"'])
+                         raw_attrs=[testid("progress"), ':data-run="run"', ':data-requests-sent="requests_sent"'])
                 html.Div("{{ status_line }}", classes="text-caption", raw_attrs=[testid("status")])
                 html.Div("{{ error }}", v_show="error", classes="text-caption text-error", raw_attrs=[testid("error")])
         with v3.VMain():

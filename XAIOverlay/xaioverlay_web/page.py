@@ -38,16 +38,22 @@ def xy_to_ras(view) -> list[float]:
 class OverlayPage:
     """The page's state and controls over one :class:`OverlayLogic` and its compare views.
 
-    ``cases``: the case list; ``model``: the model path; ``info``: the model's description (from the worker).
+    ``cases``: the case list; ``model``: the model path (None: nothing is computed, Explain is disabled);
+    ``info``: the model's description (from the worker); ``cohort``: a cohort folder whose stored maps each
+    case shows (:mod:`.cohort`), its methods offered first.
     """
 
-    def __init__(self, server, app, logic: OverlayLogic, cases: list[case_list.Case], model: str, info: dict) -> None:
+    def __init__(self, server, app, logic: OverlayLogic, cases: list[case_list.Case], model: str | None, info: dict,
+                 cohort=None) -> None:
         self.server = server
         self.app = app
         self.logic = logic
         self.model = model
         self.info = info
-        self.methods = [method["name"] for method in info["methods"] if method["allowed"]]
+        self.cohort = cohort
+        allowed = [method["name"] for method in info["methods"] if method["allowed"]]
+        stored = cohort.methods if cohort is not None else []
+        self.methods = [*stored, *[method for method in allowed if method not in stored]]
         self.views = self._create_views()
         self.job: Job | None = None
         self.shown: Job | None = None
@@ -56,6 +62,9 @@ class OverlayPage:
         case_list.load_case(app.scene, logic.browser.current)
         self._init_state(cases)
         self._bind()
+        if cohort is not None:  # Next shows stored maps: computing the next case ahead would be wasted
+            logic.prefetch_next = False
+            self._start(0, self.server.state.chosen, self.server.state.target)  # shown at the first tick
 
     # --- views -------------------------------------------------------------------------------------
     def _create_views(self) -> list:
@@ -82,13 +91,17 @@ class OverlayPage:
         state.trame__title = "XAIOverlay"
         state.cases = [case.name for case in cases]
         state.case_index = 0
-        state.model_name = model_display_name(self.model)
+        state.model_name = model_display_name(self.model) if self.model else self.cohort.model.get("id", "")
         state.task = self.info.get("task", "")
         names = self.info.get("class_names") or self.info.get("channel_names") or []
         state.classes = [str(name) for name in names]
         state.target = next((str(name) for name in names if str(name).lower() not in ("background", "no tumour")), "")
         state.methods = self.methods
-        state.chosen = [method for method in self.methods if method in DEFAULT_METHODS]  # the ticked methods
+        defaults = self.cohort.methods[:MAX_VIEWS] if self.cohort is not None else DEFAULT_METHODS
+        state.chosen = [method for method in self.methods if method in defaults]  # the ticked methods
+        state.explain_reason = "" if self.model else "Explain needs a model: start serve with --model MODEL_PATH"
+        state.similar = []  # the current case's similar cases in the cohort: {"id", "text"}
+        state.requests_sent = 0  # explain requests sent to the worker
         state.progress_text = "ready"
         state.run = 0  # runs started (the progress element's data-run: tests wait for the next one)
         state.progress_value = 0
@@ -112,6 +125,7 @@ class OverlayPage:
         controller.cancel = self.cancel
         controller.next_case = lambda chosen, target: self.open_case(+1, chosen, target)
         controller.previous_case = lambda chosen, target: self.open_case(-1, chosen, target)
+        controller.open_similar = self.open_similar
         state.change("percentile")(lambda percentile, **_: self.logic.set_percentile(percentile, coalesce=True))
         state.change("opacity")(lambda opacity, **_: self._set_opacity(opacity))
         state.change("orientation")(lambda orientation, **_: self._set_orientation(orientation))
@@ -134,29 +148,53 @@ class OverlayPage:
     def open_case(self, step: int, chosen: list[str], target: str) -> None:
         self._start(step, chosen, target)
 
+    def open_similar(self, case_id: str, chosen: list[str], target: str) -> None:
+        """Jump to case ``case_id`` of the case list (a similar case of the current one)."""
+        names = [case.name for case in self.logic.browser.cases]
+        if case_id in names and names.index(case_id) != self.logic.browser.index:
+            self._start(names.index(case_id) - self.logic.browser.index, chosen, target)
+
     def _start(self, step: int, chosen: list[str], target: str) -> None:
+        """Explain the current case (``step`` 0, in cohort mode only once the page is open) or open another one
+        (a cohort's case: its stored maps; else explained like the current one)."""
         state = self.server.state
         self.clicked = time.monotonic()
+        stored = self.cohort is not None and (step != 0 or self.job is None)
         try:
-            template = self.template(chosen, target)
+            if step == 0 and not stored and not self.model:
+                raise ValueError(state.explain_reason)
+            template = self.template(chosen, target) if not stored else None
             if self.job is not None and not self.job.finished and step == 0:
                 self.logic.cancel(self.job)
             if step:
                 self._clear_views()
             if step:  # the case left stays loaded while it is a neighbour (:meth:`_release_far_cases`)
                 self.logic.pin(case_list.load_case(self.app.scene, self.logic.browser.current))
-            _, self.job = self.logic.open_case(step, template)
+            if stored:
+                self.job = self._open_stored(step, chosen)
+            else:
+                _, self.job = self.logic.open_case(step, template)
         except ValueError as error:
             state.error = str(error)
             return
         log.info("case opened in %.2f s", time.monotonic() - self.clicked)
         state.error = ""
         state.case_index = self.logic.browser.index
+        state.similar = self.cohort.similar(self.logic.browser.current.name) if self.cohort is not None else []
         state.progress_text = "preparing"
         state.run += 1
         state.progress_value = 0
         state.running = True
         self.shown = None
+
+    def _open_stored(self, step: int, chosen: list[str]) -> Job:
+        """Open the case ``step`` away and show its stored cohort maps of the ticked methods (all of them when
+        none of the ticked methods is stored)."""
+        volume, _ = self.logic.open_case(step, explain=False)
+        name = self.logic.browser.current.name
+        specs = [spec for spec in self.cohort.methods if spec in chosen] or self.cohort.methods
+        stored = self.cohort.stored_maps(name, specs[:MAX_VIEWS])
+        return self.logic.show_stored(volume, stored, self.cohort.model_path, self.cohort.target_text(name))
 
     def cancel(self) -> None:
         if self.job is not None and not self.job.finished:
@@ -189,6 +227,7 @@ class OverlayPage:
             return
         done, total, _ = job.progress
         state.status_line = job.status
+        state.requests_sent = self.logic.requests_sent
         state.progress_value = int(100 * done / total) if total else (100 if job.finished else 0)
         if not job.finished:
             state.progress_text = job.status or job.state

@@ -20,7 +20,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of volumes or a CSV manifest (as for `cohort`); default: two demo phantoms")
     parser.add_argument("--model", help="model path (bundle, nnU-Net folder, spec, TorchScript); "
                                         "default: the demo segmenter")
-    parser.add_argument("--cohort", metavar="DIR", help="a cohort's output folder (not supported yet)")
+    parser.add_argument("--cohort", metavar="DIR",
+                        help="a cohort's --out folder: its cases, their stored maps (nothing recomputed), table rows "
+                             "and similar cases; Explain computes other methods only with --model")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only); the token is always "
                              "required")
@@ -67,15 +69,15 @@ def describe(logic, model: str, device: str, timeout: float = 300.0) -> dict:
 
 def run_serve(args: argparse.Namespace, printer=None) -> int:
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # no display needed
-    if args.cohort:
-        raise InputError("--cohort is not supported yet; give the cohort's cases with --cases")
-    if args.model is None:
+    if args.cohort and args.cases:
+        raise InputError("give --cohort or --cases, not both: a cohort's cases are those it ran")
+    if args.model is None and not args.cohort:
         from xaioverlay.demo import SEGMENTER, bundle_path
 
         args.model = str(bundle_path(SEGMENTER))
     from xaioverlay.model_files import resolve_model_path
 
-    model = str(resolve_model_path(args.model))
+    model = str(resolve_model_path(args.model)) if args.model else None
     try:
         from slicer import vtkMRMLInteractionNode
         from trame.app import get_server
@@ -91,8 +93,14 @@ def run_serve(args: argparse.Namespace, printer=None) -> int:
     from .layout import build_layout
     from .page import OverlayPage
 
-    workdir = Path(tempfile.mkdtemp(prefix="xaioverlay-serve-"))
-    cases = page_cases(args.cases, workdir)
+    cohort = None
+    if args.cohort:
+        from .cohort import open_cohort
+
+        cohort = open_cohort(args.cohort)
+        cases = cohort.cases
+    else:
+        cases = page_cases(args.cases, Path(tempfile.mkdtemp(prefix="xaioverlay-serve-")))
     server = get_server("xaioverlay", client_type="vue3")
     server.enable_module(trame_slicer_module)
     if not logging.getLogger().isEnabledFor(logging.INFO):  # VTK's deprecation warnings are not the user's to act on
@@ -103,8 +111,8 @@ def run_serve(args: argparse.Namespace, printer=None) -> int:
     app.scene.AddNode(vtkMRMLInteractionNode())
     app.view_manager.register_factory(RemoteSliceViewFactory(server))
     logic = OverlayLogic(app.scene, cache_root=args.cache, application_logic=app.app_logic)
-    info = describe(logic, model, args.device)
-    page = OverlayPage(server, app, logic, cases, model, info)
+    info = describe(logic, model, args.device) if model else cohort.description()
+    page = OverlayPage(server, app, logic, cases, model, info, cohort)
     build_layout(page)
 
     token = new_token()
