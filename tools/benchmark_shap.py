@@ -112,7 +112,7 @@ def kernel_table(model, model_input, target, ids, samples, batch):
               f"{same:.1f} s: {captum_seconds / same:.1f}x faster than Captum at the same estimate (goal >= 10x)")
 
 
-def guided_table(model, model_input, target, ids, permutations, budget):
+def guided_table(model, model_input, target, ids, permutations):
     x = model_input.tensor
     count = int(ids.max()) + 1
     with torch.inference_mode():
@@ -121,26 +121,22 @@ def guided_table(model, model_input, target, ids, permutations, budget):
                                                                           torch.Generator().manual_seed(3)))
     guide, guide_seconds = timed(lambda: segment_sums(gradient_times_input(model, x, target)[0].sum(0), ids, count))
     with torch.inference_mode():
-        guided, guided_seconds = timed(lambda: shapley.guided_shapley(scorer.score, count, budget,
+        guided, guided_seconds = timed(lambda: shapley.guided_shapley(scorer.score, count, permutations,
                                                                        torch.Generator().manual_seed(4), guide))
-    plain_per_pass = float(plain.standard_errors.pow(2).sum()) * plain.passes  # variance × passes: constant
-    guided_per_pass = float(guided.standard_errors.pow(2).sum()) * guided.passes
-    # large budgets (e.g. shap:1000, 1,000 permutations): the minimum of 2 samples per segment no longer binds;
-    # plain: each antithetic pair costs 2 (S − 1) passes; guided at n_i ∝ w_i: Σ σ_i² Σw / w_i × 4 passes per sample
-    weights = shapley.guide_weights(guide)
-    plain_asymptotic = float(plain.unit_variances.sum()) * 2 * (count - 1)
-    guided_asymptotic = float((guided.unit_variances / weights).sum() * weights.sum()) * 4
-    print(f"\n2. shap-guided against shap, {count} segments (summed variance of the estimates, from their "
-          "standard errors)")
-    print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15} {'large budget':>13}")
-    name = f"shap ({plain.extras['permutations']} permutations)"
-    print(f"  {name:<34} {plain_seconds:9.1f} {plain.passes:8d} "
-          f"{float(plain.standard_errors.pow(2).sum()):12.4g} {plain_per_pass:15.4g} {plain_asymptotic:13.4g}")
-    print(f"  {'shap-guided (gradient × input)':<34} {guided_seconds + guide_seconds:9.1f} {guided.passes:8d} "
-          f"{float(guided.standard_errors.pow(2).sum()):12.4g} {guided_per_pass:15.4g} {guided_asymptotic:13.4g}")
-    print(f"  passes (coalitions) shap-guided needs for shap's error: {guided_per_pass / plain_per_pass:.2f} of "
-          f"shap's at these budgets, {guided_asymptotic / plain_asymptotic:.2f} at large budgets (goal <= 0.25; the guide's "
-          f"backward pass took {guide_seconds:.1f} s); correlation of the two estimates "
+    rows = [(f"shap:{permutations}", plain, plain_seconds),
+            (f"shap-guided:{permutations} (gradient × input)", guided, guided_seconds + guide_seconds)]
+    print(f"\n2. shap-guided against shap, {count} segments, the same passes (summed variance of the estimates, "
+          "from their standard errors)")
+    print(f"  {'method':<36} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15}")
+    for name, estimate, seconds in rows:
+        squared = float(estimate.standard_errors.pow(2).sum())
+        print(f"  {name:<36} {seconds:9.1f} {estimate.passes:8d} {squared:12.4g} {squared * estimate.passes:15.4g}")
+    # both unbiased: the squared error is the variance, which falls as 1 / passes
+    share = float(guided.standard_errors.pow(2).sum()) / float(plain.standard_errors.pow(2).sum())
+    reference = 2 + 1000 * (count - 1)
+    print(f"  for the error of shap:1000 ({reference} passes) shap-guided needs {share:.2f} of shap's passes "
+          f"(about {share * reference:.0f}; goal <= 0.25); surrogate scale β {guided.extras['surrogate_scale']:.3g}; "
+          f"the guide's backward pass took {guide_seconds:.1f} s; correlation of the two estimates "
           f"{correlation(plain.values, guided.values):.3f}")
 
 
@@ -172,9 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--segments", default=None,
                         help="segments for tables 1-2 (default slic:256; --quick: cubes:16)")
     parser.add_argument("--samples", type=int, default=None, help="KernelSHAP coalitions (default 1000; --quick 300)")
-    parser.add_argument("--permutations", type=int, default=None, help="shap permutations measured (default 4)")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="shap-guided passes measured (default 2000; --quick 1000)")
+    parser.add_argument("--permutations", type=int, default=None,
+                        help="permutations of shap and shap-guided (same passes; default 4)")
     parser.add_argument("--batch", type=int, default=8, help="Captum perturbations per call (default 8)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom seed (default {DEMO_SEED}, held out)")
     parser.add_argument("--device", default="cpu")
@@ -188,7 +183,6 @@ def main(argv=None) -> int:
     segments = args.segments or ("cubes:16" if args.quick else "slic:256")
     samples = args.samples or (300 if args.quick else 1000)
     permutations = args.permutations or 4
-    budget = args.budget or (1000 if args.quick else 2000)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     from xaioverlay.phantoms import make_phantom
 
@@ -200,7 +194,7 @@ def main(argv=None) -> int:
     if "kernel" not in skip:
         kernel_table(model, model_input, target, ids, samples, args.batch)
     if "guided" not in skip:
-        guided_table(model, model_input, target, ids, permutations, budget)
+        guided_table(model, model_input, target, ids, permutations)
     if "default" not in skip:
         default_table(args)
     return 0

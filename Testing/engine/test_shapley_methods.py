@@ -33,7 +33,7 @@ def unet(tmp_path):
     return load_model(spec, device="cpu")
 
 
-@pytest.mark.parametrize("spec", ["shap:4:cubes:12", "kernelshap:100:cubes:12", "shap-guided:300:cubes:12"])
+@pytest.mark.parametrize("spec", ["shap:4:cubes:12", "kernelshap:100:cubes:12", "shap-guided:8:cubes:12"])
 def test_shapley_map_on_an_oblique_input_grid_sums_to_the_score_difference(unet, spec):
     """Σ values = f(x) − f(fill) (efficiency) in the record, and the written map (moved to an oblique input grid,
     additively) still sums to it."""
