@@ -297,13 +297,14 @@ def cubic_surrogate_shapley(guide: torch.Tensor) -> torch.Tensor:
 
     Segment ``i``'s contribution after the segments ``P`` is ``(d + a_i)³ − d³``, ``d = Σ_{j∈P} a_j − T/2``.
     Over uniform orders each other segment precedes ``i`` with probability ½ and two of them both do with
-    probability ⅓, so with ``T' = T − a_i``, ``Q' = Σ_{j≠i} a_j²``: ``E d = −a_i/2``, ``E d² = Q'/6 + T'²/12 + a_i²/4``,
-    and ``φ_i = 3 a_i E d² + 3 a_i² E d + a_i³``. They sum to ``g(N) − g(∅) = T³/4``.
+    probability ⅓, so with ``T' = T − a_i``, ``Q' = Σ_{j≠i} a_j²``: ``E d = −a_i/2``,
+    ``E d² = Q'/6 + T'²/12 + a_i²/4``, and ``φ_i = 3 a_i E d² + 3 a_i² E d + a_i³ = 3 a_i E d² − a_i³/2``.
+    They sum to ``g(N) − g(∅) = T³/4``.
     """
     a = guide.double()
     others = a.sum() - a
     squares = (a**2).sum() - a**2
-    return 3 * a * (squares / 6 + others**2 / 12 + a**2 / 4) - 1.5 * a**3 + a**3
+    return 3 * a * (squares / 6 + others**2 / 12 + a**2 / 4) - a**3 / 2
 
 
 def cubic_surrogate_contributions(guide: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -319,8 +320,9 @@ def cross_fitted(samples: torch.Tensor, control: torch.Tensor) -> tuple[torch.Te
     """``samples − c · control`` (P, S), ``control`` (P, S) with mean 0, ``c`` fitted on the other half of the rows.
 
     The rows split into even and odd; each half gets the ``c`` that minimises the summed variance of
-    ``samples − c · control`` on the other half (the least-squares slope pooled over the segments), so ``c`` is independent
-    of the rows it adjusts and the result keeps the expectation of ``samples``. A half under 2 rows gets c = 0.
+    ``samples − c · control`` on the other half (the least-squares slope pooled over the segments), so ``c`` is
+    independent of the rows it adjusts and the result keeps the expectation of ``samples``. A half under 2 rows
+    gets c = 0.
     """
     adjusted, scales = samples.clone(), []
     halves = torch.arange(len(samples)) % 2 == 0
