@@ -7,11 +7,10 @@ phantom's tumour mask (a tumour-sized region), SLIC supervoxels, zero fill. Thre
    one-output function (every coalition through the bundle's sliding-window inference) against XAIOverlay's
    ``kernelshap`` on the masked scorer (region-aware, incremental); seconds, passes, speed-up, and the
    correlation of the two estimates (two random draws of the same quantity).
-2. shap-guided against shap: the summed variance of each estimate times its passes, from the standard
-   errors the estimators report (both unbiased, so their mean squared error is their variance, which
-   falls as 1 / passes): the share of shap's passes shap-guided needs for the same error, at the budgets
-   run and at large budgets (from the per-sample variances: e.g. shap:1000, where shap-guided's minimum of
-   2 samples per segment no longer binds).
+2. shap-guided against shap at the same permutations (the same passes): the summed variance of each
+   estimate from the standard errors the estimators report. Both are unbiased, so their squared error is
+   their variance, which falls as 1 / passes: the ratio of the two is the share of shap's passes
+   shap-guided needs for the same error at any budget (e.g. that of shap:1000).
 3. The default ``shap`` (no option, default segments) for the same region target on a 96³ volume (the
    phantom rendered on a 96³ grid at the segmenter's 2.5 mm).
 
@@ -112,35 +111,46 @@ def kernel_table(model, model_input, target, ids, samples, batch):
               f"{same:.1f} s: {captum_seconds / same:.1f}x faster than Captum at the same estimate (goal >= 10x)")
 
 
-def guided_table(model, model_input, target, ids, permutations, budget):
+def remembered(value):
+    """``value`` that scores each distinct coalition once (a second estimator on the same orders costs nothing)."""
+    scores = {}
+
+    def lookup(keep):
+        missing = [row for row in keep if row.numpy().tobytes() not in scores]
+        if missing:
+            for row, score in zip(missing, value(torch.stack(missing)).tolist()):
+                scores[row.numpy().tobytes()] = score
+        return torch.tensor([scores[row.numpy().tobytes()] for row in keep], dtype=torch.float64)
+
+    return lookup
+
+
+def guided_table(model, model_input, target, ids, permutations):
     x = model_input.tensor
     count = int(ids.max()) + 1
     with torch.inference_mode():
         scorer = SegmentScorer(model, x, torch.zeros_like(x), target, ids)
-        plain, plain_seconds = timed(lambda: shapley.permutation_shapley(scorer.score, count, permutations,
+        value = remembered(scorer.score)
+        plain, plain_seconds = timed(lambda: shapley.permutation_shapley(value, count, permutations,
                                                                           torch.Generator().manual_seed(3)))
     guide, guide_seconds = timed(lambda: segment_sums(gradient_times_input(model, x, target)[0].sum(0), ids, count))
-    with torch.inference_mode():
-        guided, guided_seconds = timed(lambda: shapley.guided_shapley(scorer.score, count, budget,
-                                                                       torch.Generator().manual_seed(4), guide))
-    plain_per_pass = float(plain.standard_errors.pow(2).sum()) * plain.passes  # variance × passes: constant
-    guided_per_pass = float(guided.standard_errors.pow(2).sum()) * guided.passes
-    # large budgets (e.g. shap:1000, 1,000 permutations): the minimum of 2 samples per segment no longer binds;
-    # plain: each antithetic pair costs 2 (S − 1) passes; guided at n_i ∝ w_i: Σ σ_i² Σw / w_i × 4 passes per sample
-    weights = shapley.guide_weights(guide)
-    plain_asymptotic = float(plain.unit_variances.sum()) * 2 * (count - 1)
-    guided_asymptotic = float((guided.unit_variances / weights).sum() * weights.sum()) * 4
-    print(f"\n2. shap-guided against shap, {count} segments (summed variance of the estimates, from their "
-          "standard errors)")
-    print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15} {'large budget':>13}")
-    name = f"shap ({plain.extras['permutations']} permutations)"
-    print(f"  {name:<34} {plain_seconds:9.1f} {plain.passes:8d} "
-          f"{float(plain.standard_errors.pow(2).sum()):12.4g} {plain_per_pass:15.4g} {plain_asymptotic:13.4g}")
-    print(f"  {'shap-guided (gradient × input)':<34} {guided_seconds + guide_seconds:9.1f} {guided.passes:8d} "
-          f"{float(guided.standard_errors.pow(2).sum()):12.4g} {guided_per_pass:15.4g} {guided_asymptotic:13.4g}")
-    print(f"  passes (coalitions) shap-guided needs for shap's error: {guided_per_pass / plain_per_pass:.2f} of "
-          f"shap's at these budgets, {guided_asymptotic / plain_asymptotic:.2f} at large budgets (goal <= 0.25; the guide's "
-          f"backward pass took {guide_seconds:.1f} s); correlation of the two estimates "
+    with torch.inference_mode():  # the same seed: the same orders, already scored
+        guided, guided_seconds = timed(lambda: shapley.guided_shapley(value, count, permutations,
+                                                                       torch.Generator().manual_seed(3), guide))
+    rows = [(f"shap:{permutations}", plain, plain_seconds),
+            (f"shap-guided:{permutations} (gradient × input)", guided, guided_seconds + guide_seconds)]
+    print(f"\n2. shap-guided against shap, {count} segments, the same {permutations} orders and passes (shap-guided "
+          "reuses shap's scores; summed variance of the estimates, from their standard errors)")
+    print(f"  {'method':<36} {'seconds':>9} {'passes':>8} {'Σ SE²':>12} {'Σ SE² × passes':>15}")
+    for name, estimate, seconds in rows:
+        squared = float(estimate.standard_errors.pow(2).sum())
+        print(f"  {name:<36} {seconds:9.1f} {estimate.passes:8d} {squared:12.4g} {squared * estimate.passes:15.4g}")
+    # both unbiased: the squared error is the variance, which falls as 1 / passes
+    share = float(guided.standard_errors.pow(2).sum()) / float(plain.standard_errors.pow(2).sum())
+    reference = 2 + 1000 * (count - 1)
+    print(f"  for the error of shap:1000 ({reference} passes) shap-guided needs {share:.2f} of shap's passes "
+          f"(about {share * reference:.0f}; goal <= 0.25); control scales {guided.extras['control_scales']}; "
+          f"the guide's backward pass took {guide_seconds:.1f} s; correlation of the two estimates "
           f"{correlation(plain.values, guided.values):.3f}")
 
 
@@ -172,9 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--segments", default=None,
                         help="segments for tables 1-2 (default slic:256; --quick: cubes:16)")
     parser.add_argument("--samples", type=int, default=None, help="KernelSHAP coalitions (default 1000; --quick 300)")
-    parser.add_argument("--permutations", type=int, default=None, help="shap permutations measured (default 4)")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="shap-guided passes measured (default 2000; --quick 1000)")
+    parser.add_argument("--permutations", type=int, default=None,
+                        help="permutations of shap and shap-guided (the same orders; default 8)")
     parser.add_argument("--batch", type=int, default=8, help="Captum perturbations per call (default 8)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom seed (default {DEMO_SEED}, held out)")
     parser.add_argument("--device", default="cpu")
@@ -187,8 +196,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     segments = args.segments or ("cubes:16" if args.quick else "slic:256")
     samples = args.samples or (300 if args.quick else 1000)
-    permutations = args.permutations or 4
-    budget = args.budget or (1000 if args.quick else 2000)
+    permutations = args.permutations or 8
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     from xaioverlay.phantoms import make_phantom
 
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
     if "kernel" not in skip:
         kernel_table(model, model_input, target, ids, samples, args.batch)
     if "guided" not in skip:
-        guided_table(model, model_input, target, ids, permutations, budget)
+        guided_table(model, model_input, target, ids, permutations)
     if "default" not in skip:
         default_table(args)
     return 0

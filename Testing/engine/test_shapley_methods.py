@@ -33,7 +33,7 @@ def unet(tmp_path):
     return load_model(spec, device="cpu")
 
 
-@pytest.mark.parametrize("spec", ["shap:4:cubes:12", "kernelshap:100:cubes:12", "shap-guided:300:cubes:12"])
+@pytest.mark.parametrize("spec", ["shap:4:cubes:12", "kernelshap:100:cubes:12", "shap-guided:8:cubes:12"])
 def test_shapley_map_on_an_oblique_input_grid_sums_to_the_score_difference(unet, spec):
     """Σ values = f(x) − f(fill) (efficiency) in the record, and the written map (moved to an oblique input grid,
     additively) still sums to it."""
@@ -165,3 +165,12 @@ def test_evaluate_measures_shap_and_lime_and_puts_them_in_the_agreement_table(tm
     assert record["agreement"]["methods"] == methods
     for method in record["methods"][1:]:
         assert "deletion" in method["faithfulness"]["blur"]
+
+
+def test_shap_guided_counts_permutations_like_shap_and_refuses_fewer_than_eight():
+    from xaioverlay.methods.coalitions import GuidedShap, Shap
+
+    assert GuidedShap.from_option("16").planned_passes(30) == Shap.from_option("16").planned_passes(30) == 2 + 16 * 29
+    with pytest.raises(InputError, match="shap-guided:4 over 30 segments needs at least 8 permutations; "
+                                         "use shap-guided:8 or more"):
+        GuidedShap.from_option("4").check_samples(30)

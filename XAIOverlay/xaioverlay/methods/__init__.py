@@ -3,7 +3,7 @@
 Method specs (CLI ``--methods``, comma-separated): ``name`` or ``name:option``, e.g.
 ``gradcam``, ``gradcam:features.layer4``, ``hirescam``, ``lrp:epsilon-gamma-box``, ``lrp:zero/uniform``, ``ig:32``,
 ``occlusion:20mm/10mm``, ``occlusion-adaptive:400``, ``attention``, ``attention:level=1``, ``shap:16``,
-``kernelshap:1000``, ``lime:500``, ``shap-guided:4000``.
+``kernelshap:1000``, ``lime:500``, ``shap-guided:16``.
 """
 
 from __future__ import annotations

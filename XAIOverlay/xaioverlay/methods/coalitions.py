@@ -1,7 +1,7 @@
 """Segment methods: Shapley values and LIME over segments, on the masked scorer.
 
 Specs: ``shap[:N]`` (N permutations, antithetic pairs), ``kernelshap[:N]`` (N coalitions), ``lime[:N]``
-(N coalitions), ``shap-guided[:N]`` (a budget of N model passes); each may add ``:FILL`` (``zero``,
+(N coalitions), ``shap-guided[:N]`` (N permutations, the passes of ``shap:N``); each may add ``:FILL`` (``zero``,
 ``mean`` or ``blur``: what replaces a left-out segment) and, last, its own default segments
 (``shap:4:cubes:32``). The engine makes the segments (``--segments``, see :mod:`xaioverlay.segments`; else
 the method's default, else :data:`DEFAULT_SEGMENTS`) and sets :attr:`Method.segments`.
@@ -273,20 +273,17 @@ class LimeMethod(CoalitionMethod):
         return shapley.lime_warning(self.label, estimate.extras["r2"])
 
 
-class GuidedShap(CoalitionMethod):
+class GuidedShap(Shap):
     name = "shap-guided"
     label = "SHAP (gradient-guided)"
-    in_demo: ClassVar[bool] = False  # needs ≥ 8 S + 2 passes: too many for the demo's time
-    unit = "passes"
-    default_samples = 4000
-    summary = ("SHAP guided by gradient × input: unbiased Shapley sampling concentrated on the segments the "
-               "gradient points to (option: N passes[:FILL], e.g. shap-guided:4000)")
+    in_demo: ClassVar[bool] = False  # the demo shows shap
+    demo_spec: ClassVar[str] = "shap-guided"
+    default_samples = 8
+    summary = ("SHAP with a gradient × input surrogate as control variate: the passes of shap:N, less variance, "
+               "unbiased (option: N permutations[:FILL], e.g. shap-guided:16)")
 
     def minimum_samples(self, segments: int) -> int:
-        return 8 * segments + 2
-
-    def planned_passes(self, segments: int) -> int:
-        return self.samples
+        return 8  # four antithetic pairs: two per half for the cross-fitted control scale
 
     def estimate(self, value, segments, generator, model, x, target, ids, players):
         guide = segment_sums(gradient_times_input(model, x, target)[0].sum(0), ids, int(ids.max()) + 1)[players]
