@@ -5,20 +5,14 @@ installs the system package)."""
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 import pytest
 
+from web_support import serve_process
 from xaioverlay.demo import DEMO_SEED
 from xaioverlay.phantoms import make_phantom
 from xaioverlay.volumes import write_volume
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -31,47 +25,12 @@ def phantoms(tmp_path_factory):
     return made, folder
 
 
-def with_our_code() -> dict:
-    """The environment for a subprocess running this checkout's ``xaioverlay``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "XAIOverlay"), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 @pytest.fixture(scope="session")
 def served(phantoms, tmp_path_factory):
     """The URL (with its token) that ``xaioverlay serve`` printed, for the session's server process."""
     _, folder = phantoms
     yield from serve_process(["--cases", str(folder), "--cache", str(tmp_path_factory.mktemp("cache"))],
                              tmp_path_factory.mktemp("serve"))
-
-
-def serve_process(arguments: list[str], folder: Path):
-    """Start ``xaioverlay serve ARGUMENTS`` on a free port, yield the URL it printed, stop it (its stderr in
-    ``folder``)."""
-    command = [sys.executable, "-m", "xaioverlay", "-v", "serve", *arguments, "--port", "0"]
-    env = with_our_code()
-    log = open(folder / "stderr.txt", "w+", encoding="utf-8")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put("")], daemon=True).start()
-    try:
-        url = lines.get(timeout=180).strip()  # "": the process ended first
-    except queue.Empty:
-        url = ""
-    if not url:
-        process.kill()
-        log.seek(0)
-        pytest.fail(f"xaioverlay serve printed no address within 180 s; stderr:\n{log.read()[-3000:]}")
-    try:
-        yield url
-    finally:  # also when the test using it fails
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import serve_process, with_our_code
+from web_support import serve_process, with_our_code
 from test_browser_workflow import check_views, run_and_wait, tick
 
 pytestmark = pytest.mark.slow  # a cohort run, a server start and a browser: about two minutes on two shared cores
