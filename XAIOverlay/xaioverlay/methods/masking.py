@@ -29,7 +29,7 @@ import torch
 
 from .. import sliding
 from ..errors import ModelError
-from ..memory import free_memory_bytes, is_out_of_memory
+from ..memory import batch_that_fits, is_out_of_memory
 from ..models.base import LoadedModel
 from ..targets import Target
 from . import boxes as bx
@@ -201,9 +201,9 @@ def _window_count(x: torch.Tensor, window) -> int:
 
 
 def first_batch_size(device: torch.device, item_bytes: int, engine: str) -> int:
-    """Masked inputs per call: a quarter of the free memory over an item's (over-)estimated cost."""
-    cap = MAX_BATCH[engine].get(device.type, 8)
-    return max(1, min(cap, int(free_memory_bytes(device) * 0.25 // max(item_bytes, 1))))
+    """Masked inputs per call: as many as fit in the free memory's share (:data:`~xaioverlay.memory.BATCH_SHARE`)
+    at an item's (over-)estimated cost."""
+    return batch_that_fits(device, item_bytes, MAX_BATCH[engine].get(device.type, 8))
 
 
 class ViewMasks(Protocol):
