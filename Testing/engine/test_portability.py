@@ -185,8 +185,11 @@ def test_make_setup_uses_the_python_and_venv_layout_windows_has():
         pytest.fail("GNU make is needed for this test (it checks the Makefile's commands)")
 
     def commands(*variables: str) -> list[str]:
-        result = subprocess.run(["make", "-n", "-B", "setup", "demo", *variables], cwd=ROOT, capture_output=True,
-                                text=True, check=True, env={**os.environ, "OS": ""})
+        # MAKELEVEL/MAKEFLAGS dropped: under `make test` a nested make prints "Entering directory" lines
+        outer = {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEFILES"}
+        env = {**{k: v for k, v in os.environ.items() if k not in outer}, "OS": ""}
+        result = subprocess.run(["make", "--no-print-directory", "-n", "-B", "setup", "demo", *variables], cwd=ROOT,
+                                capture_output=True, text=True, check=True, env=env)
         return result.stdout.splitlines()
 
     windows = commands("OS=Windows_NT")
