@@ -25,13 +25,15 @@ def rotation_x(angle: float) -> np.ndarray:
     return np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
 
 
-def oblique_geometry(size=(48, 40, 24), spacing=(1.2, 1.0, 3.0), origin=(35.0, -12.0, 40.0), angles=(0.35, 0.2)) -> Geometry:
+def oblique_geometry(size=(48, 40, 24), spacing=(1.2, 1.0, 3.0), origin=(35.0, -12.0, 40.0),
+                     angles=(0.35, 0.2)) -> Geometry:
     """Anisotropic, oblique (rotated about z then x), non-zero origin: the hard case for geometry."""
     direction = rotation_z(angles[0]) @ rotation_x(angles[1])
     return Geometry(tuple(size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
 
 
-def blob_volume(geometry: Geometry, centre_ras, radius_mm: float, value: float = 1.0, background: float = 0.0, noise: float = 0.0, seed: int = 0) -> Volume:
+def blob_volume(geometry: Geometry, centre_ras, radius_mm: float, value: float = 1.0, background: float = 0.0,
+                noise: float = 0.0, seed: int = 0) -> Volume:
     """A sphere of ``value`` at a physical (RAS) place on ``geometry``."""
     i, j, k = np.meshgrid(*[np.arange(n) for n in geometry.size], indexing="ij")
     ras = geometry.ijk_to_ras_points(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*geometry.size, 3)
@@ -72,9 +74,11 @@ SMALL_DENSENET = {"name": "DenseNet121", "args": {"spatial_dims": 3, "in_channel
 def save_bundle(folder: Path, network_def: dict, state_dict: dict, *, preprocessing: list | None = None,
                 inferer: dict | None = None, activation: str = "softmax", output_type: str = "image",
                 class_names: list[str] | None = None, in_channels: int = 1) -> Path:
-    """Write a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) as the Model Zoo lays it out.
+    """Write a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) as the Model Zoo lays
+    it out.
 
-    ``preprocessing`` lists the transforms after ``LoadImaged``/``EnsureChannelFirstd`` (which are added, as in real bundles).
+    ``preprocessing`` lists the transforms after ``LoadImaged``/``EnsureChannelFirstd`` (which are added, as in real
+    bundles).
     """
     import json
 
@@ -91,7 +95,8 @@ def save_bundle(folder: Path, network_def: dict, state_dict: dict, *, preprocess
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": transforms},
         "inferer": inferer or {"_target_": "SimpleInferer"},
-        "postprocessing": {"_target_": "Compose", "transforms": [{"_target_": "Activationsd", "keys": "pred", activation: True}]},
+        "postprocessing": {"_target_": "Compose",
+                           "transforms": [{"_target_": "Activationsd", "keys": "pred", activation: True}]},
     }
     names = class_names or ["background", "foreground"]
     metadata = {
