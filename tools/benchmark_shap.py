@@ -98,7 +98,8 @@ def kernel_table(model, model_input, target, ids, samples, batch):
     print(f"  {'method':<34} {'seconds':>9} {'passes':>8} {'vs Captum':>10}")
     print(f"  {'Captum KernelShap':<34} {captum_seconds:9.1f} {captum_passes:8d} {'1.0x':>10}")
     print(f"  {'XAIOverlay kernelshap':<34} {our_seconds:9.1f} {our_passes:8d} {captum_seconds / our_seconds:9.1f}x")
-    # both estimate the same Shapley values independently: E‖ours − theirs‖² = Captum's squared error + ours (Σ SE²)
+    # both estimate the same Shapley values independently:
+    # E‖ours − theirs‖² = Captum's squared error + ours (Σ SE²)
     ours_squared = float(ours.standard_errors.pow(2).sum())
     captum_squared = float((ours.values - theirs).pow(2).sum()) - ours_squared
     print(f"  passes: network evaluations of one window; correlation of the two estimates "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_occlusion_exact import BN_UNET, grid_volume, load
+from test_occlusion_exact import grid_volume, segmenter, windowed_segmenter  # noqa: F401 (fixtures)
 from xaioverlay.baselines import baseline
 from xaioverlay.methods import boxes as box_ops
 from xaioverlay.methods.masking import BRUTE_FORCE, SegmentScorer, Speedups, kept_voxels, removed_boxes, segment_boxes
@@ -14,17 +14,6 @@ from xaioverlay.prediction import predict
 from xaioverlay.segments import make_segments, parse_segments
 from xaioverlay.targets import resolve_target
 from xaioverlay.volumes import Geometry, Volume, write_volume
-
-
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    return load(tmp_path_factory.mktemp("unet"), BN_UNET, "segmentation", ["background", "tumour"])
-
-
-@pytest.fixture(scope="module")
-def windowed_segmenter(tmp_path_factory):
-    return load(tmp_path_factory.mktemp("unet_sw"), BN_UNET, "segmentation", ["background", "tumour"],
-                sliding_window={"roi_size": [12, 12, 12], "overlap": 0.25, "mode": "gaussian"})
 
 
 def label_file(folder, reference: Geometry) -> str:
