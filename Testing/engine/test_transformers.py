@@ -93,3 +93,17 @@ def test_vit_tokens_are_listed_as_the_feature_map_they_form_and_gradcam_reads_th
     attribution = method.attribute(model, x, target_for(model))
     assert attribution.parameters["layer_shape"] == [48, 4, 4, 4]
     assert float(attribution.map.std()) > 0
+
+
+@pytest.mark.parametrize("name", ["UNETR", "ViT"])
+def test_layers_without_a_volume_probes_at_the_networks_fixed_image_size(tmp_path, capsys, name):
+    """UNETR's and ViT's position embeddings fix the input size (``img_size``, here 32³): probing at the
+    generic 64³ ended in a shape error from the patch embedding."""
+    from xaioverlay.cli import main
+
+    transformer_model(tmp_path, name)
+    assert main(["layers", "--model", str(tmp_path / name / "model.yaml")]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert any(line.endswith("(default)") for line in listing[1:])
+    if name == "UNETR":  # the decoder's maps at full resolution: 32³, the network's img_size
+        assert any(line.split()[0] == "decoder2" and line.split()[2].endswith("x32x32x32") for line in listing[1:])

@@ -156,9 +156,16 @@ def load_spec(path: Path, device: torch.device, amp: bool = False) -> LoadedMode
         activation=spec.get("activation", "none"),
         transforms=build_transforms(spec.get("preprocessing", []), path),
         sliding_window=sliding_window,
-        example_shape=config.int_shape(spec.get("input_shape")) or (sliding_window.roi_size if sliding_window else (64, 64, 64)),
+        example_shape=example_shape(spec, args, sliding_window),
         source=path,
         format="state-dict+spec",
         model_id=f"{path.stem}@{file_digest(weights)[:12]}",
         amp=amp,
     )
+
+
+def example_shape(spec: dict, args: dict, sliding_window: SlidingWindow | None) -> tuple[int, int, int]:
+    """The input size to probe layers with when no volume is given: the spec's ``input_shape``, else the sliding
+    window, else the network's own fixed ``img_size`` (UNETR, ViT: their position embeddings fix it), else 64³."""
+    return (config.int_shape(spec.get("input_shape")) or (sliding_window.roi_size if sliding_window else None)
+            or config.int_shape(args.get("img_size")) or (64, 64, 64))
