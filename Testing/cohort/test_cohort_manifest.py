@@ -80,6 +80,21 @@ def test_manifest_channels_in_order_paths_relative_to_the_manifest(tmp_path):
     assert second.label is None and second.reference_mask is None
 
 
+def test_paths_are_absolute_when_the_manifest_or_folder_is_named_relative_to_the_working_directory(tmp_path,
+                                                                                                   monkeypatch):
+    """The cohort table keeps these paths: relative ones would only resolve from the directory the run began in
+    (``serve --cohort`` elsewhere then found no image)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "cases.csv").write_text("case_id,image,reference_mask\np1,t1.nrrd,m.nrrd\n")
+    (folder / "a.nrrd").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    (case,) = read_cases("data/cases.csv")
+    assert case.images == (str(folder / "t1.nrrd"),) and case.reference_mask == str(folder / "m.nrrd")
+    (case,) = read_cases("data")
+    assert case.images == (str(folder / "a.nrrd"),)
+
+
 def test_second_run_in_a_cohort_folder_needs_resume_with_the_same_settings(tmp_path):
     first = CaseSettings(model=str(tmp_path), methods="gxi")
     check_settings(tmp_path, first, resume=False)

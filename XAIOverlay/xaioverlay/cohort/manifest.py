@@ -140,8 +140,9 @@ def read_folder(folder: Path) -> list[Case]:
 
 
 def read_cases(source: str | os.PathLike) -> list[Case]:
-    """The cases of ``source``: a CSV manifest or a folder of volumes."""
-    source = Path(source)
+    """The cases of ``source``: a CSV manifest or a folder of volumes; their paths absolute (the cohort table keeps
+    them, and it is read from other working directories)."""
+    source = Path(source).absolute()
     if source.is_dir():
         return read_folder(source)
     if not source.exists():
