@@ -39,6 +39,7 @@ sys.path[:0] = [str(ROOT / "XAIOverlay")]
 
 from xaioverlay.demo import DEMO_SEED, SEGMENTER, bundle_path  # noqa: E402
 from xaioverlay.methods import shapley  # noqa: E402
+from xaioverlay.methods.base import Context  # noqa: E402
 from xaioverlay.methods.coalitions import Shap, segment_sums  # noqa: E402
 from xaioverlay.methods.gradients import gradient_times_input  # noqa: E402
 from xaioverlay.methods.masking import SegmentScorer  # noqa: E402
@@ -163,10 +164,10 @@ def default_table(args):
     phantom = make_phantom(args.seed, geometry=_ras_aligned_geometry((size,) * 3, 2.5))
     model_input, target = region_problem(model, phantom)
     method = Shap()
-    method.spacing_mm = tuple(float(s) for s in model_input.model_geometry.spacing)
+    context = Context(spacing_mm=tuple(float(s) for s in model_input.model_geometry.spacing))
     model.passes.reset()
     cpu = time.process_time()
-    attribution, seconds = timed(lambda: method.attribute(model, model_input.tensor, target))
+    attribution, seconds = timed(lambda: method.attribute(model, model_input.tensor, target, context=context))
     cpu = time.process_time() - cpu
     extras = attribution.extras
     print(f"\n3. default shap ({method.spec}, segments {attribution.parameters['segments']}: "

@@ -92,7 +92,7 @@ class InputGradient(Method):
     label = "input gradient"
     signed = True
 
-    def attribute(self, model, x, target, progress=None):
+    def attribute(self, model, x, target, progress=None, context=None):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(target(model.forward(x)).sum(), x)

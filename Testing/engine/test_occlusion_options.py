@@ -58,7 +58,7 @@ def test_mm_occluders_on_an_anisotropic_oblique_grid_equal_the_voxel_equivalent(
 def test_mm_sizes_outside_explain_ask_for_the_spacing():
     method = build_method("occlusion:20mm")
     with pytest.raises(InputError, match="spacing"):
-        method.grid((32, 32, 32))
+        method.grid((32, 32, 32), None)
 
 
 BAD = [

@@ -159,7 +159,8 @@ def test_occlusion_over_segments_maps_each_segments_own_drop(segmenter):
     volume = volume_on(geometry, seed=5)
     method, target_text = Occlusion(), "channel:tumour@point:-8,-8,8,4"
     explanation = explain(segmenter, [volume], [method], target_text, segments="cubes:4")
-    result, ids = explanation.results[0], method.segments
+    result = explanation.results[0]
+    ids = result.model_grid_segments.ids
     assert result.parameters["segment_count"] == 64 and result.segment_spec == "cubes:4"
     x, target = explanation.model_input.tensor, explanation.resolved_target
     with torch.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -14,7 +14,7 @@ from . import __version__, sliding
 from .errors import InputError, ModelError
 from .measure import measure
 from .methods import Method, build_methods
-from .methods.base import Attribution
+from .methods.base import Attribution, Context
 from .memory import out_of_memory_as_error
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
 from .prediction import Prediction, predict
@@ -42,6 +42,14 @@ def non_finite_warning(label: str, counts: dict[str, int], total: int) -> str:
             f"-inf {counts['neginf']}); they are written as 0")
 
 
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """A method's segments: ``ids`` (X, Y, Z) long 0..S-1 on the model grid, made from ``spec``."""
+
+    ids: torch.Tensor
+    spec: str
+
+
 @dataclass
 class MethodResult:
     """One method's map and its record."""
@@ -62,6 +70,8 @@ class MethodResult:
     #: (segment id + 1; 0 where the model grid does not reach), or None; ``segment_spec``: what made them.
     segments: Volume | None = None
     segment_spec: str | None = None
+    #: The same segments on the model grid, as the method was given them (None: no segments).
+    model_grid_segments: Segments | None = None
     #: Values of the method's map on the model grid that were NaN, +inf or -inf; they are written as 0.
     non_finite: dict = field(default_factory=lambda: {"nan": 0, "posinf": 0, "neginf": 0})
 
@@ -207,7 +217,7 @@ def summarise_output(model: LoadedModel, prediction: Prediction, model_input: Mo
 
 
 def attribute_by_window(
-    method: Method, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress
+    method: Method, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress, context: Context
 ) -> Attribution:
     """Run ``method`` window by window (see :mod:`xaioverlay.sliding`) and sum the window maps.
 
@@ -219,32 +229,32 @@ def attribute_by_window(
     result = torch.zeros(padded.shape[2:], device=x.device)
     parameters: dict = {}
     extras: list[dict] = []
-    method.begin_windows(x, shares.pads)
-    try:
-        for done, part in enumerate(shares.active, start=1):
-            method.window = part
-            window_target = target.restricted(shares.weights(part))
-            attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS)
-            result[part] += attribution.map
-            parameters = attribution.parameters
-            extras.append(attribution.extras)
-            progress(done, len(shares.active), unit="windows")
-    finally:
-        method.window = None
-        method.end_windows()
+    whole_volume = method.begin_windows(x, shares.pads)
+    for done, part in enumerate(shares.active, start=1):
+        window_context = replace(context, window=part, whole_volume=whole_volume)
+        window_target = target.restricted(shares.weights(part))
+        attribution = method.attribute(model, padded[(slice(None), slice(None), *part)], window_target, NO_PROGRESS,
+                                       window_context)
+        result[part] += attribution.map
+        parameters = attribution.parameters
+        extras.append(attribution.extras)
+        progress(done, len(shares.active), unit="windows")
     parameters = {**parameters, "windows": {"used": len(shares.active), "total": len(shares.windows),
                                             "roi_size": list(window.roi_size)}}
     return Attribution(sliding.unpad(result, shares.pads), method.signed, parameters, method.combine_extras(extras))
 
 
-def attribute(method: Method, model: LoadedModel, model_input: ModelInput, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-    """``method``'s map on the model grid, window by window when the model's inferer asks for it."""
+def attribute(method: Method, model: LoadedModel, model_input: ModelInput, target: Target,
+              progress: Progress = NO_PROGRESS, segments: Segments | None = None) -> Attribution:
+    """``method``'s map on the model grid, window by window when the model's inferer asks for it; ``segments``:
+    those :func:`choose_segments` gave the method."""
     reason = method.unavailable(model)
     if reason:
         raise ModelError(reason)
     x = model_input.tensor
     windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
-    method.spacing_mm = tuple(float(s) for s in model_input.model_geometry.spacing)
+    context = Context(spacing_mm=tuple(float(s) for s in model_input.model_geometry.spacing),
+                      segments=segments.ids if segments else None, segment_spec=segments.spec if segments else None)
     # automatic choices are made on what the network will see: the whole input, or one window
     method.prepare(model, x.new_zeros((*x.shape[:2], *model.sliding_window.roi_size)) if windowed else x)
     if windowed and method.by_window and target.weights is not None:
@@ -253,8 +263,8 @@ def attribute(method: Method, model: LoadedModel, model_input: ModelInput, targe
                 f"{method.label} explains a sliding-window model window by window, which needs a score that adds up "
                 "over windows; a probability of the blended output does not: use --score logit (occlusion takes either)"
             )
-        return attribute_by_window(method, model, x, target, progress)
-    return method.attribute(model, x, target, progress)
+        return attribute_by_window(method, model, x, target, progress, context)
+    return method.attribute(model, x, target, progress, context)
 
 
 def explain(
@@ -289,23 +299,25 @@ def explain(
         return _explain(model, volumes, methods, target, score, segments, progress)
 
 
-def give_segments(methods: Sequence[Method], spec: str | None, model_input: ModelInput) -> None:
-    """Set each segment-using method's :attr:`~.methods.base.Method.segments` (from ``spec`` or its default;
-    one segmentation per distinct spec); bad specs and files are refused here, before any model work."""
-    made: dict[str, torch.Tensor] = {}
+def choose_segments(methods: Sequence[Method], spec: str | None, model_input: ModelInput) -> list[Segments | None]:
+    """Each method's segments (from ``spec`` or the method's default; None for methods without segments; one
+    segmentation per distinct spec); bad specs and files are refused here, before any model work."""
+    made: dict[str, Segments] = {}
     given = parse_segments(spec).text() if spec else None
+    chosen = []
     for method in methods:
         text = (given or method.default_segments) if method.uses_segments else None
         if text and text not in made:
-            made[text] = make_segments(parse_segments(text), model_input)
-        method.segments, method.segment_spec = (made[text], text) if text else (None, None)
+            made[text] = Segments(make_segments(parse_segments(text), model_input), text)
+        chosen.append(made[text] if text else None)
+    return chosen
 
 
 def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Method], target: str | TargetSpec | None,
              score: str, segments: str | None, progress: Progress) -> Explanation:
     progress.message("preprocessing", stage="preprocess")
     model_input = model.preprocess(volumes)
-    give_segments(methods, segments, model_input)
+    chosen_segments = choose_segments(methods, segments, model_input)
     progress.message("inference", stage="inference")
     channel = target_channel(target, model)
     prediction = predict(model, model_input.tensor, channel, score, progress.child(stage="inference"))
@@ -315,11 +327,12 @@ def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Me
     labels = prediction.labels
     del prediction  # the channel's scores and region are not needed beyond here
     results = []
-    for number, method in enumerate(methods, start=1):
+    for number, (method, method_segments) in enumerate(zip(methods, chosen_segments), start=1):
         progress.message(f"{method.label} ({number}/{len(methods)})", stage="method", method=method.spec)
         model.passes.reset()
         with measure(model.device) as cost:
-            attribution = attribute(method, model, model_input, resolved, progress.child(method=method.spec))
+            attribution = attribute(method, model, model_input, resolved, progress.child(method=method.spec),
+                                    method_segments)
         values = attribution.map.detach()
         non_finite = count_non_finite(values)
         if any(non_finite.values()):
@@ -333,10 +346,11 @@ def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Me
                 parameters=attribution.parameters, seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                 memory_kind=cost.memory_kind, passes=model.passes.as_dict(),
                 extras={**attribution.extras, "input_grid": grid_record}, non_finite=non_finite,
-                segments=None if method.segments is None else Volume(
-                    segments_on_input_grid(method.segments, model_input), model_input.reference,
+                segments=None if method_segments is None else Volume(
+                    segments_on_input_grid(method_segments.ids, model_input), model_input.reference,
                     f"{volumes[0].name} segments"),
-                segment_spec=method.segment_spec,
+                segment_spec=None if method_segments is None else method_segments.spec,
+                model_grid_segments=method_segments,
             )
         )
         log.info("%s: %.2f s, %s", method.label, cost.seconds, model.passes.as_dict())

@@ -43,7 +43,7 @@ from ..layers import patch_size
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
-from .base import Attribution, Method
+from .base import NO_CONTEXT, Attribution, Context, Method
 
 SE_REASON = "SE blocks reweight channels, not positions; use gradcam/lrp/occlusion for a spatial map"
 
@@ -319,7 +319,8 @@ class Attention(Method):
         return f"{kind} has no attention gates or self-attention blocks; use gradcam/lrp/occlusion for a spatial map"
 
     def attribute(
-        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS
+        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+        context: Context = NO_CONTEXT,
     ) -> Attribution:
         reason = self.unavailable(model)
         if reason:

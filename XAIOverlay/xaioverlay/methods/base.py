@@ -29,6 +29,31 @@ class Attribution:
     extras: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class Context:
+    """What the engine gives a method besides the model, the input and the target.
+
+    Attributes:
+        spacing_mm: voxel spacing (mm per axis) of the grid the method sees (options in mm, e.g. occluder
+            sizes, become voxels with it); None on a direct call without a grid.
+        segments: (X, Y, Z) long segment ids 0..S-1 on the model grid for methods that keep or fill
+            segments (:attr:`Method.uses_segments`), else None.
+        segment_spec: the spec ``segments`` were made from (e.g. ``"slic:256"``).
+        window: during a window-by-window run, the current window's slices of the padded grid, else None.
+        whole_volume: during that run, what :meth:`Method.begin_windows` returned for the whole volume.
+    """
+
+    spacing_mm: tuple[float, float, float] | None = None
+    segments: torch.Tensor | None = None
+    segment_spec: str | None = None
+    window: tuple[slice, ...] | None = None
+    whole_volume: object | None = None
+
+
+#: The context of a direct call: no spacing, no segments, no window.
+NO_CONTEXT = Context()
+
+
 class Method:
     """Base class: subclasses set the class attributes and implement :meth:`attribute`.
 
@@ -49,20 +74,11 @@ class Method:
     by_window: ClassVar[bool] = True
     #: One line for --help.
     summary: ClassVar[str] = ""
-    #: Voxel spacing (mm per axis) of the grid the method sees; the engine sets it before
-    #: :meth:`prepare` so that options given in mm (occluder sizes) can be turned into voxels.
-    spacing_mm: tuple[float, float, float] | None = None
-    #: During a window-by-window run: the current window's slices of the padded grid (else None).
-    window: tuple[slice, ...] | None = None
     #: Perturbation methods that keep or fill *segments* (see :mod:`xaioverlay.segments`) set this; the
-    #: engine then sets :attr:`segments` before :meth:`prepare`, from ``--segments`` or :attr:`default_segments`.
+    #: engine then gives them segments in :attr:`Context.segments`, from ``--segments`` or :attr:`default_segments`.
     uses_segments: ClassVar[bool] = False
     #: Segment spec used when the user gives none (None: no segments, e.g. occlusion keeps its boxes).
     default_segments: ClassVar[str | None] = None
-    #: (X, Y, Z) long segment ids 0..S-1 on the model grid, set by the engine (None: no segments).
-    segments: torch.Tensor | None = None
-    #: The spec :attr:`segments` were made from (e.g. ``"slic:256"``), set with them.
-    segment_spec: str | None = None
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "Method":
@@ -90,19 +106,19 @@ class Method:
         """Settle automatic choices (e.g. a default layer) on the whole input, before any windowing."""
 
     def attribute(
-        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS
+        self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+        context: Context = NO_CONTEXT,
     ) -> Attribution:
-        """Explain ``target`` for input ``x`` (1, C, X, Y, Z) on the model's device."""
+        """Explain ``target`` for input ``x`` (1, C, X, Y, Z) on the model's device; ``context``: what the
+        engine knows beyond these (grid spacing, segments, the current sliding window)."""
         raise NotImplementedError
 
-    def begin_windows(self, x: torch.Tensor, pads) -> None:
+    def begin_windows(self, x: torch.Tensor, pads) -> object | None:
         """Called once before a window-by-window run with the whole input (1, C, X, Y, Z) and the
-        padding the windows are cut from (see :func:`xaioverlay.sliding.window_padding`); while it
-        runs, :attr:`window` holds the current window's slices of the padded grid. Methods whose
-        inputs depend on the whole volume (e.g. a mean or blurred baseline) prepare them here."""
-
-    def end_windows(self) -> None:
-        """Called after a window-by-window run, also on error."""
+        padding the windows are cut from (see :func:`xaioverlay.sliding.window_padding`). Methods whose
+        inputs depend on the whole volume (e.g. a mean or blurred baseline) compute them here and return
+        them; each window's call then finds them in :attr:`Context.whole_volume`."""
+        return None
 
     @classmethod
     def combine_extras(cls, extras: list[dict]) -> dict:

@@ -15,7 +15,7 @@ from ..layers import TOKEN_BLOCKS, default_layer, find_module, token_grid, token
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
-from .base import Attribution, Method
+from .base import NO_CONTEXT, Attribution, Context, Method
 
 
 def gradcam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,8 @@ class CAM(Method):
     def prepare(self, model: LoadedModel, x: torch.Tensor) -> None:
         self.layer_in_use = self.layer or default_layer(model, x)
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+                  context: Context = NO_CONTEXT) -> Attribution:
         layer = self.layer_in_use or default_layer(model, x)
         activations, gradients = layer_activation_and_gradient(model, x, target, layer)
         cam = self.combine(activations, gradients)

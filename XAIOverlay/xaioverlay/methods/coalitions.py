@@ -25,7 +25,7 @@ from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
 from . import shapley
-from .base import Attribution, Method
+from .base import NO_CONTEXT, Attribution, Context, Method
 from .gradients import gradient_times_input
 from .precision import full_float32
 
@@ -132,17 +132,17 @@ class CoalitionMethod(Method):
         return None
 
     # -- shared -----------------------------------------------------------------------------------------
-    def make_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from): those the engine set, else (a direct
+    def make_ids(self, x: torch.Tensor, context: Context) -> tuple[torch.Tensor, str]:
+        """(segment ids (X, Y, Z) on ``x``'s grid, the spec they came from): those the engine gave, else (a direct
         call) cubes on ``x``'s grid."""
         from ..segments import cube_ids, parse_segments
 
-        if self.segments is not None:
-            return self.segments.to(x.device), self.segment_spec or "given"
+        if context.segments is not None:
+            return context.segments.to(x.device), context.segment_spec or "given"
         spec = parse_segments(self.default_segments)
         if spec.kind != "cubes":
             raise InputError(f"{self.label}: {spec.text()} segments need the input volume; run it through explain()")
-        ids = cube_ids(tuple(x.shape[2:]), spec.size.voxels(self.spacing_mm or (1.0, 1.0, 1.0)))
+        ids = cube_ids(tuple(x.shape[2:]), spec.size.voxels(context.spacing_mm or (1.0, 1.0, 1.0)))
         return ids.to(x.device), spec.text()
 
     def fill_values(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,11 +157,11 @@ class CoalitionMethod(Method):
                              f"use {self.name}:{least} or more, or fewer segments (--segments)")
 
     def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target,
-                  progress: Progress = NO_PROGRESS) -> Attribution:
+                  progress: Progress = NO_PROGRESS, context: Context = NO_CONTEXT) -> Attribution:
         from ..segments import check_duration
         from .masking import SegmentScorer
 
-        ids, segments_text = self.make_ids(x)
+        ids, segments_text = self.make_ids(x, context)
         count = int(ids.max()) + 1
         with torch.inference_mode(), full_float32():
             scorer = SegmentScorer(model, x, self.fill_values(x), target, ids)

@@ -22,7 +22,7 @@ from ..memory import batch_that_fits, run_in_batches, saved_for_backward
 from ..models.base import LoadedModel
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target
-from .base import Attribution, Method, relative_error
+from .base import NO_CONTEXT, Attribution, Context, Method, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class GradientTimesInput(Method):
     additive = True
     summary = "gradient × input: x ⊙ ∂score/∂x, one backward pass (no option)"
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+                  context: Context = NO_CONTEXT) -> Attribution:
         result = gradient_times_input(model, x, target)
         progress(1, 1, unit="passes")
         return Attribution(result[0].sum(0), signed=True, parameters={})
@@ -170,18 +171,14 @@ class IntegratedGradients(Method):
         parts = ([str(self.steps)] if self.steps != 64 else []) + ([self.baseline] if self.baseline != "zero" else [])
         return f"{self.name}:{'/'.join(parts)}" if parts else self.name
 
-    _whole_baseline: torch.Tensor | None = None
-
-    def begin_windows(self, x: torch.Tensor, pads) -> None:
+    def begin_windows(self, x: torch.Tensor, pads) -> torch.Tensor:
         # one baseline for the whole volume, padded as the windows are: a window's own mean or blur differs
-        self._whole_baseline = sliding.pad(make_baseline(x, self.baseline), pads)
+        return sliding.pad(make_baseline(x, self.baseline), pads)
 
-    def end_windows(self) -> None:
-        self._whole_baseline = None
-
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        if self.window is not None and self._whole_baseline is not None:
-            baseline = self._whole_baseline[(slice(None), slice(None), *self.window)]
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+                  context: Context = NO_CONTEXT) -> Attribution:
+        if context.window is not None and context.whole_volume is not None:
+            baseline = context.whole_volume[(slice(None), slice(None), *context.window)]
         else:
             baseline = make_baseline(x, self.baseline)
         attributions, completeness = integrated_gradients(model, x, target, baseline, self.steps, self.batch_size, progress)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..explain import Explanation, attribute, explain
+from ..explain import Explanation, Segments, attribute, explain
 from ..measure import measure
 from ..methods import Method, build_methods
 from ..models.base import CLASSIFICATION, LoadedModel, ModelInput
@@ -218,11 +218,12 @@ class Evaluation:
         }
 
 
-def method_explainer(method: Method, model_input: ModelInput):
-    """(model, target) → the method's (X, Y, Z) map for ``model_input``, as :func:`explain` makes it."""
+def method_explainer(method: Method, model_input: ModelInput, segments: Segments | None = None):
+    """(model, target) → the method's (X, Y, Z) map for ``model_input`` (with the ``segments`` it was given), as
+    :func:`explain` makes it."""
 
     def run(model: LoadedModel, target: Target) -> torch.Tensor:
-        values = attribute(method, model, model_input, target).map.detach()
+        values = attribute(method, model, model_input, target, segments=segments).map.detach()
         return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).float()
 
     return run
@@ -340,7 +341,7 @@ def evaluate(
             "entropy": float(complexity.normalised_entropy(batch)[0]),
         }
 
-        explainer = method_explainer(method, model_input)
+        explainer = method_explainer(method, model_input, result.model_grid_segments)
         randomised = None
         if options.randomisation_depth != 0:
             randomised = cascading_randomisation(

@@ -11,7 +11,7 @@ from ...errors import InputError
 from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
-from ..base import Attribution, Method, relative_error
+from ..base import NO_CONTEXT, Attribution, Context, Method, relative_error
 from ..precision import full_float32
 from .canonizers import ATTENTION_RULE, GATE_RULES, canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, GATE_SPLITS, Composite
@@ -121,29 +121,25 @@ class LRP(Method):
             return self.name
         return f"{self.name}:{self.composite.name}{gates}"
 
-    _whole_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-    def begin_windows(self, x: torch.Tensor, pads) -> None:
+    def begin_windows(self, x: torch.Tensor, pads) -> tuple[tuple[float, ...], tuple[float, ...]]:
         # z^B bounds of the whole volume as padded for the windows: each window's own extremes differ (seams)
-        self._whole_bounds = input_bounds(sliding.pad(x, pads))
+        return input_bounds(sliding.pad(x, pads))
 
-    def end_windows(self) -> None:
-        self._whole_bounds = None
-
-    def bounded(self, x: torch.Tensor) -> tuple[Composite, dict | None]:
+    def bounded(self, x: torch.Tensor, context: Context) -> tuple[Composite, dict | None]:
         """The composite with a z^B first rule's data bounds set to numbers: each channel's minimum and
         maximum over the whole volume (also in a window-by-window run), and those numbers for the record."""
         first = self.composite.first
         if not isinstance(first, ZBox) or (first.low is not None and first.high is not None):
             return self.composite, None
-        whole = self._whole_bounds if self.window is not None else None
+        whole = context.whole_volume if context.window is not None else None
         low, high = whole or input_bounds(x)
         rule = replace(first, low=low if first.low is None else first.low,
                        high=high if first.high is None else first.high)
         return replace(self.composite, first=rule), {"low": list(low), "high": list(high), "from": "whole volume"}
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        composite, bounds = self.bounded(x)
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+                  context: Context = NO_CONTEXT) -> Attribution:
+        composite, bounds = self.bounded(x, context)
         result = lrp(model, x, target, composite)
         progress(1, 1, unit="passes")
         parameters = {"composite": self.composite.name, "rules": self.composite.describe()}

@@ -33,7 +33,7 @@ import torch
 from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
-from ..base import Attribution
+from ..base import NO_CONTEXT, Attribution, Context
 from ..masking import BoxMasks, MaskedScorer, Speedups
 from ..precision import full_float32
 from .fill import fill_values
@@ -179,8 +179,9 @@ class AdaptiveOcclusion(Occlusion):
         explicit = OccluderOptions(self.options.size, self.options.effective_stride, self.options.fill)
         return f"{self.name}:{explicit.text()}"
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        finest = self.grid(x.shape[2:])
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+                  context: Context = NO_CONTEXT) -> Attribution:
+        finest = self.grid(x.shape[2:], context.spacing_mm)
         budget = self.budget or max(64, len(finest) // 10)
         levels = plan_levels(finest, budget)
         finest_volume = math.prod(finest.box_size)

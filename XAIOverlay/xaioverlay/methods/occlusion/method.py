@@ -9,7 +9,7 @@ import torch
 from ...models.base import LoadedModel
 from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
-from ..base import Attribution, Method
+from ..base import NO_CONTEXT, Attribution, Context, Method
 from ..masking import BoxMasks, MaskedScorer, SegmentScorer, Speedups, segment_boxes
 from ..precision import full_float32
 from .fill import fill_values
@@ -81,8 +81,8 @@ class Occlusion(Method):
     def spec(self) -> str:
         return f"{self.name}:{self.options.text()}"
 
-    def grid(self, shape) -> OccluderGrid:
-        size, stride = self.options.voxels(self.spacing_mm)
+    def grid(self, shape, spacing_mm: tuple[float, float, float] | None) -> OccluderGrid:
+        size, stride = self.options.voxels(spacing_mm)
         return OccluderGrid(tuple(shape), size, stride)
 
     def parameters(self, grid: OccluderGrid, target: Target) -> dict:
@@ -97,10 +97,11 @@ class Occlusion(Method):
             "map": f"mean drop of the {target.score} over the occluders covering each voxel",
         }
 
-    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS) -> Attribution:
-        if self.segments is not None:
-            return self.attribute_segments(model, x, target, progress)
-        grid = self.grid(x.shape[2:])
+    def attribute(self, model: LoadedModel, x: torch.Tensor, target: Target, progress: Progress = NO_PROGRESS,
+                  context: Context = NO_CONTEXT) -> Attribution:
+        if context.segments is not None:
+            return self.attribute_segments(model, x, target, progress, context)
+        grid = self.grid(x.shape[2:], context.spacing_mm)
         with torch.inference_mode(), full_float32():
             fill = fill_values(x, self.options.fill, grid.box_size)
             scorer = MaskedScorer(model, x, fill, target, self.speedups, self.batch_size)
@@ -110,11 +111,12 @@ class Occlusion(Method):
         return Attribution(importance.float(), True, self.parameters(grid, target), run_record(scorer))
 
     def attribute_segments(self, model: LoadedModel, x: torch.Tensor, target: Target,
-                           progress: Progress) -> Attribution:
-        """Each segment of :attr:`segments` filled alone; the map is its drop over its voxels."""
-        fill = fill_values(x, self.options.fill, typical_extent(self.segments))
-        scorer = SegmentScorer(model, x, fill, target, self.segments, self.speedups, self.batch_size)
+                           progress: Progress, context: Context) -> Attribution:
+        """Each segment of ``context.segments`` filled alone; the map is its drop over its voxels."""
+        segments = context.segments
+        fill = fill_values(x, self.options.fill, typical_extent(segments))
+        scorer = SegmentScorer(model, x, fill, target, segments, self.speedups, self.batch_size)
         drops = segment_drops(scorer, progress_reporter(progress))
-        parameters = {"segments": self.segment_spec, "segment_count": scorer.num_segments, "fill": self.options.fill,
+        parameters = {"segments": context.segment_spec, "segment_count": scorer.num_segments, "fill": self.options.fill,
                       "map": f"drop of the {target.score} when the voxel's segment is filled"}
-        return Attribution(drops.float()[self.segments], True, parameters, run_record(scorer.masked))
+        return Attribution(drops.float()[segments], True, parameters, run_record(scorer.masked))
