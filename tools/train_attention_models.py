@@ -53,7 +53,7 @@ MODELS = {
             "channels": [8, 16, 32, 64],
             "strides": [2, 2, 2],
         },
-        150, 4, 2e-3, None,
+        600, 4, 2e-3, None,
         "MONAI AttentionUnet (channels 8-64, BatchNorm, additive attention gates on each skip connection)",
     ),
     SWIN_UNETR: (
@@ -68,7 +68,7 @@ MODELS = {
             "window_size": 4,
             "norm_name": "batch",
         },
-        150, 2, 1e-3, torch.float16,
+        600, 2, 1e-3, torch.float16,
         "MONAI SwinUNETR (feature size 12, depths 2-2-2-2, 4^3 shifted windows, BatchNorm decoder)",
     ),
 }
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--which", choices=[ATTENTION_UNET, SWIN_UNETR, "both"], default="both")
     parser.add_argument("--out", type=Path, default=demo.REPO / "Resources" / "bundles")
-    parser.add_argument("--steps", type=int, default=None, help="default: 150 for each")
+    parser.add_argument("--steps", type=int, default=None, help="default: 600 for each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (figures are reproducible per count)")
     parser.add_argument("--device", default="cpu")

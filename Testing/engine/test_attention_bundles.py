@@ -18,9 +18,8 @@ from xaioverlay.models import load_model
 from xaioverlay.phantoms import HELD_OUT_SEEDS, make_phantom
 
 BUNDLES = Path(__file__).resolve().parents[2] / "Resources" / "bundles"
-#: Bundle → network class. tumour_swin_unetr joins when its bundle is committed (its training did not
-#: finish before this test was written).
-NETWORKS = {"tumour_attention_unet": "AttentionUnet"}
+#: Bundle → network class.
+NETWORKS = {"tumour_attention_unet": "AttentionUnet", "tumour_swin_unetr": "SwinUNETR"}
 #: The first held-out phantoms, all among those the recorded Dice was measured on.
 SEEDS = list(HELD_OUT_SEEDS[:2])
 
