@@ -6,6 +6,7 @@ folder's conftest was loaded last."""
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,10 @@ def kinks_volume(geometry: Geometry) -> tuple[Volume, dict[str, int]]:
     array[-1, :2, :5] = 2.0
     counts = {"nan": int((array == 0).sum()), "posinf": int((array == 1).sum()), "neginf": int((array == 2).sum())}
     return Volume(array, geometry, "kinks"), counts
+
+
+def default_ctrl_c() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT (POSIX): the signal's default action restored.
+    A shell's background job (``pytest ... &``) starts with SIGINT ignored, children inherit that, and a Python
+    started so installs no KeyboardInterrupt handler: the test's Ctrl-C would be ignored and the run complete."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from support import SMALL_DENSENET, save_spec_model
+from support import SMALL_DENSENET, default_ctrl_c, save_spec_model
 from test_cohort_manifest import BAD_MANIFESTS
 from test_cohort_run import SMALL_GRID
 from xaioverlay.phantoms import make_phantom
@@ -113,7 +113,7 @@ def test_ctrl_c_keeps_finished_cases_and_resume_completes_them(tmp_path):
     args = ["--model", str(model), "--cases", str(volumes), "--out", str(tmp_path / "out"), "--methods", "gxi",
             "--device", "cpu", "--workers", "1", "--progress", "json", "--similar", "0"]  # rows then stay as kept
     process = subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=tmp_path, env=environment())
+                               cwd=tmp_path, env=environment(), preexec_fn=default_ctrl_c)
     for line in process.stdout:
         if '"event": "cohort"' in line:
             process.send_signal(signal.SIGINT)  # what Ctrl-C sends
