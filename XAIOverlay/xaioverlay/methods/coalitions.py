@@ -4,7 +4,8 @@ Specs: ``shap[:N]`` (N permutations, antithetic pairs), ``kernelshap[:N]`` (N co
 (N coalitions), ``shap-guided[:N]`` (N permutations, the passes of ``shap:N``); each may add ``:FILL`` (``zero``,
 ``mean`` or ``blur``: what replaces a left-out segment) and, last, its own default segments
 (``shap:4:cubes:32``). The engine makes the segments (``--segments``, see :mod:`xaioverlay.segments`; else
-the method's default, else :data:`DEFAULT_SEGMENTS`) and passes them in :attr:`Context.segments <.base.Context.segments>`.
+the method's default, else :data:`DEFAULT_SEGMENTS`) and passes them in the context
+(:attr:`.base.Context.segments`).
 
 The map: a segment's value spread evenly over its voxels (value / voxel count), so the map is additive —
 its sum over a segment is the segment's Shapley value (or LIME coefficient) on every grid, and the sum
