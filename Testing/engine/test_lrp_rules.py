@@ -189,3 +189,34 @@ def test_batch_with_per_sample_statistics_gives_each_sample_its_own_relevance(ru
     for sample in range(2):
         single = lrp(model, x[sample:sample + 1], target, composite).input[0]
         torch.testing.assert_close(batch[sample], single, rtol=1e-4, atol=1e-5 * float(single.abs().max()))
+
+
+def test_the_dense_layers_epsilon_is_an_option_and_matches_the_epsilon_formula():
+    """``lrp:COMPOSITE/eps=E`` sets the ε of the dense rule only; on one dense layer ``y = W x + b`` the
+    relevance of input j for output k is ``x_j W_kj · y_k / (y_k + ε sign y_k)`` (hand-derived; the bias keeps
+    the rest)."""
+    from xaioverlay.errors import InputError
+    from xaioverlay.methods import build_method
+
+    method = build_method("lrp:/eps=0.25")
+    assert method.spec == "lrp:epsilon-plus-flat/eps=0.25" and build_method(method.spec).spec == method.spec
+    assert method.composite.dense == Epsilon(0.25) and method.composite.convolution == AlphaBeta(1, 0)
+    assert build_method("lrp:epsilon-gamma-box/uniform/eps=1").spec == "lrp:epsilon-gamma-box/uniform/eps=1"
+    for bad in ("lrp:/eps=x", "lrp:/eps=-1"):
+        with pytest.raises(InputError, match="eps"):
+            build_method(bad)
+
+    torch.manual_seed(0)
+    dense = nn.Linear(8, 3)
+    network = nn.Sequential(nn.Flatten(), dense)
+    model = LoadedModel(network=network, device=torch.device("cpu"), task="classification", class_names=["a", "b", "c"],
+                        in_channels=1)
+    x = torch.randn(1, 1, 2, 2, 2)
+    with torch.no_grad():  # a pre-activation near 0, where ε matters
+        dense.bias[1] = 0.05 - float(dense.weight[1] @ x.flatten())
+    target = Target(1, "b", "logit", "none", None, {})
+    relevance = build_method("lrp:zero/eps=0.3").attribute(model, x, target).map.double().flatten()
+    y = float(network(x)[0, 1])
+    expected = (x.flatten() * dense.weight[1]).double() * y / (y + 0.3)
+    np.testing.assert_allclose(relevance.numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-9)
+    assert abs(float(relevance.sum())) < 0.2 * abs(y - float(dense.bias[1]))  # LRP-0 would give y − b in all

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,7 +16,7 @@ from ..base import NO_CONTEXT, Attribution, Context, Method, relative_error
 from ..precision import full_float32
 from .canonizers import ATTENTION_RULE, GATE_RULES, canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, GATE_SPLITS, Composite
-from .rules import ZBox
+from .rules import Epsilon, ZBox
 
 
 @dataclass
@@ -82,8 +83,9 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
 class LRP(Method):
     """Layer-wise relevance propagation with a composite of rules (default: epsilon-plus-flat).
 
-    Option ``COMPOSITE``, ``COMPOSITE/GATES`` or ``/GATES`` with GATES ``signal`` (default) or ``uniform``
-    (how relevance crosses multiplicative gates), e.g. ``lrp:epsilon-gamma-box/uniform``.
+    Option ``COMPOSITE``, then optional ``/GATES`` with GATES ``signal`` (default) or ``uniform`` (how relevance
+    crosses multiplicative gates) and ``/eps=E`` (the ε of the dense layers' rule instead of the composite's 1e-6;
+    transformers need a larger one), e.g. ``lrp:epsilon-gamma-box/uniform``, ``lrp:/eps=0.25``.
     """
 
     name = "lrp"
@@ -93,9 +95,11 @@ class LRP(Method):
     needs_internals = True
     summary = (f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or "
                f"{', '.join(c for c in COMPOSITES if c != DEFAULT)}; "
-               "/uniform splits gates' relevance, e.g. lrp:zero/uniform)")
+               "/uniform splits gates' relevance, /eps=E sets the dense layers' epsilon, e.g. lrp:zero/uniform, "
+               "lrp:/eps=0.25)")
 
-    def __init__(self, composite: str | Composite = DEFAULT, gates: str | None = None) -> None:
+    def __init__(self, composite: str | Composite = DEFAULT, gates: str | None = None,
+                 dense_epsilon: float | None = None) -> None:
         if isinstance(composite, str):
             if composite not in COMPOSITES:
                 raise InputError(f"unknown LRP composite {composite!r}; use one of: {', '.join(COMPOSITES)}")
@@ -105,21 +109,40 @@ class LRP(Method):
                 raise InputError(f"unknown LRP gate split {gates!r}; "
                                  f"use one of: {', '.join(GATE_SPLITS)} (e.g. lrp:zero/uniform)")
             composite = replace(composite, gates=gates)
-        self.composite = composite
-        name = composite.name + ("" if composite.gates == "signal" else f"/{composite.gates}")
-        self.label = "LRP" if name == DEFAULT else f"LRP ({name})"
+        if dense_epsilon is not None:
+            if not (math.isfinite(dense_epsilon) and dense_epsilon >= 0):
+                raise InputError(f"LRP's dense epsilon must be a number >= 0 (got {dense_epsilon}); e.g. lrp:/eps=0.25")
+            composite = replace(composite, dense=Epsilon(dense_epsilon))
+        self.composite, self.dense_epsilon = composite, dense_epsilon
+        name = self.option()
+        self.label = "LRP" if not name else f"LRP ({name})"
 
     @classmethod
     def from_option(cls, option: str | None, *, layer: str | None = None) -> "LRP":
-        composite, _, gates = (option or "").strip().lower().partition("/")
-        return cls(composite.strip() or DEFAULT, gates.strip() or None)
+        composite, *parts = [part.strip() for part in (option or "").strip().lower().split("/")]
+        gates = epsilon = None
+        for part in parts:
+            if part.startswith("eps="):
+                try:
+                    epsilon = float(part[4:])
+                except ValueError:
+                    raise InputError(f"cannot read LRP option {part!r}; give eps=NUMBER, e.g. lrp:/eps=0.25") from None
+            elif part:
+                gates = part
+        return cls(composite or DEFAULT, gates, epsilon)
+
+    def option(self) -> str:
+        """``COMPOSITE[/GATES][/eps=E]`` as given; empty for the default composite alone."""
+        parts = [] if self.composite.gates == "signal" else [self.composite.gates]
+        parts += [] if self.dense_epsilon is None else [f"eps={self.dense_epsilon:g}"]
+        if self.composite.name == DEFAULT and not parts:
+            return ""
+        return "/".join([self.composite.name, *parts])
 
     @property
     def spec(self) -> str:
-        gates = "" if self.composite.gates == "signal" else f"/{self.composite.gates}"
-        if self.composite.name == DEFAULT and not gates:
-            return self.name
-        return f"{self.name}:{self.composite.name}{gates}"
+        option = self.option()
+        return f"{self.name}:{option}" if option else self.name
 
     def begin_windows(self, x: torch.Tensor, pads) -> tuple[tuple[float, ...], tuple[float, ...]]:
         # z^B bounds of the whole volume as padded for the windows: each window's own extremes differ (seams)
