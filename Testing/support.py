@@ -153,3 +153,10 @@ def default_ctrl_c() -> None:
     A shell's background job (``pytest ... &``) starts with SIGINT ignored, children inherit that, and a Python
     started so installs no KeyboardInterrupt handler: the test's Ctrl-C would be ignored and the run complete."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def assert_bundle_layout(root: Path) -> None:
+    """A MONAI bundle as the project ships them: the four files, at most 10 MB in all."""
+    for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "docs/README.md"):
+        assert (root / part).is_file(), part
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 10 * 1024 * 1024

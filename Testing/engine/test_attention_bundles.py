@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from support import assert_bundle_layout
 from xaioverlay.methods import REGISTRY
 from xaioverlay.models import load_model
 from xaioverlay.phantoms import HELD_OUT_SEEDS, make_phantom
@@ -34,10 +35,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", NETWORKS)
 def test_bundle_layout_size_and_recorded_training(name):
-    root = BUNDLES / name
-    for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "docs/README.md"):
-        assert (root / part).is_file(), part
-    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 10 * 1024 * 1024
+    assert_bundle_layout(BUNDLES / name)
     meta = _metadata(name)
     held_out = meta["xaioverlay"]["held_out"]
     assert meta["xaioverlay"]["task"] == "segmentation"

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
+from support import assert_bundle_layout
 from xaioverlay.phantoms import DEFAULT_GEOMETRY, make_phantom
 
 BUNDLES = Path(__file__).resolve().parents[2] / "Resources" / "bundles"
@@ -56,10 +57,7 @@ def _preprocess(parser, volume) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bundle_layout_and_size(name):
-    root = BUNDLES / name
-    for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "docs/README.md"):
-        assert (root / part).is_file(), part
-    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 10 * 1024 * 1024
+    assert_bundle_layout(BUNDLES / name)
 
 
 @pytest.mark.parametrize("name", NAMES)
