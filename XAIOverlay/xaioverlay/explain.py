@@ -14,7 +14,7 @@ from . import __version__, sliding
 from .errors import InputError, ModelError
 from .measure import measure
 from .methods import Method, build_methods
-from .methods.base import Attribution, Context
+from .methods.base import Attribution, Context, Segments
 from .memory import out_of_memory_as_error
 from .models.base import CLASSIFICATION, LoadedModel, ModelInput
 from .prediction import Prediction, predict
@@ -42,14 +42,6 @@ def non_finite_warning(label: str, counts: dict[str, int], total: int) -> str:
             f"-inf {counts['neginf']}); they are written as 0")
 
 
-@dataclass(frozen=True, eq=False)
-class Segments:
-    """A method's segments: ``ids`` (X, Y, Z) long 0..S-1 on the model grid, made from ``spec``."""
-
-    ids: torch.Tensor
-    spec: str
-
-
 @dataclass
 class MethodResult:
     """One method's map and its record."""
@@ -67,13 +59,17 @@ class MethodResult:
     passes: dict
     extras: dict = field(default_factory=dict)
     #: The segments a perturbation method kept or filled, on the same grid as ``volume``: labels 1..S
-    #: (segment id + 1; 0 where the model grid does not reach), or None; ``segment_spec``: what made them.
+    #: (segment id + 1; 0 where the model grid does not reach), or None.
     segments: Volume | None = None
-    segment_spec: str | None = None
-    #: The same segments on the model grid, as the method was given them (None: no segments).
+    #: The same segments on the model grid, as the method was given them, with their spec (None: no segments).
     model_grid_segments: Segments | None = None
     #: Values of the method's map on the model grid that were NaN, +inf or -inf; they are written as 0.
     non_finite: dict = field(default_factory=lambda: {"nan": 0, "posinf": 0, "neginf": 0})
+
+    @property
+    def segment_spec(self) -> str | None:
+        """What made :attr:`segments` (e.g. ``"slic:256"``), or None."""
+        return None if self.model_grid_segments is None else self.model_grid_segments.spec
 
     def warning(self) -> str | None:
         """One line for the user when the map had non-finite values or the method warned (e.g. LIME's low
@@ -253,8 +249,7 @@ def attribute(method: Method, model: LoadedModel, model_input: ModelInput, targe
         raise ModelError(reason)
     x = model_input.tensor
     windowed = model.sliding_window is not None and model.sliding_window.needed(x.shape[2:])
-    context = Context(spacing_mm=tuple(float(s) for s in model_input.model_geometry.spacing),
-                      segments=segments.ids if segments else None, segment_spec=segments.spec if segments else None)
+    context = Context(spacing_mm=tuple(float(s) for s in model_input.model_geometry.spacing), segments=segments)
     # automatic choices are made on what the network will see: the whole input, or one window
     method.prepare(model, x.new_zeros((*x.shape[:2], *model.sliding_window.roi_size)) if windowed else x)
     if windowed and method.by_window and target.weights is not None:
@@ -349,7 +344,6 @@ def _explain(model: LoadedModel, volumes: Sequence[Volume], methods: Sequence[Me
                 segments=None if method_segments is None else Volume(
                     segments_on_input_grid(method_segments.ids, model_input), model_input.reference,
                     f"{volumes[0].name} segments"),
-                segment_spec=None if method_segments is None else method_segments.spec,
                 model_grid_segments=method_segments,
             )
         )

@@ -30,22 +30,27 @@ class Attribution:
 
 
 @dataclass(frozen=True, eq=False)
+class Segments:
+    """A method's segments: ``ids`` (X, Y, Z) long 0..S-1 on the model grid, made from ``spec``."""
+
+    ids: torch.Tensor
+    spec: str
+
+
+@dataclass(frozen=True, eq=False)
 class Context:
     """What the engine gives a method besides the model, the input and the target.
 
     Attributes:
         spacing_mm: voxel spacing (mm per axis) of the grid the method sees (options in mm, e.g. occluder
             sizes, become voxels with it); None on a direct call without a grid.
-        segments: (X, Y, Z) long segment ids 0..S-1 on the model grid for methods that keep or fill
-            segments (:attr:`Method.uses_segments`), else None.
-        segment_spec: the spec ``segments`` were made from (e.g. ``"slic:256"``).
+        segments: the segments of methods that keep or fill them (:attr:`Method.uses_segments`), else None.
         window: during a window-by-window run, the current window's slices of the padded grid, else None.
         whole_volume: during that run, what :meth:`Method.begin_windows` returned for the whole volume.
     """
 
     spacing_mm: tuple[float, float, float] | None = None
-    segments: torch.Tensor | None = None
-    segment_spec: str | None = None
+    segments: Segments | None = None
     window: tuple[slice, ...] | None = None
     whole_volume: object | None = None
 

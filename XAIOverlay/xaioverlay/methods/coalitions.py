@@ -139,7 +139,7 @@ class CoalitionMethod(Method):
         from ..segments import cube_ids, parse_segments
 
         if context.segments is not None:
-            return context.segments.to(x.device), context.segment_spec or "given"
+            return context.segments.ids.to(x.device), context.segments.spec
         spec = parse_segments(self.default_segments)
         if spec.kind != "cubes":
             raise InputError(f"{self.label}: {spec.text()} segments need the input volume; run it through explain()")

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..explain import Explanation, Segments, attribute, explain
+from ..explain import Explanation, attribute, explain
 from ..measure import measure
 from ..methods import Method, build_methods
+from ..methods.base import Segments
 from ..models.base import CLASSIFICATION, LoadedModel, ModelInput
 from ..progress import NO_PROGRESS, Progress
 from ..targets import Target, TargetSpec, mask_on_model_grid

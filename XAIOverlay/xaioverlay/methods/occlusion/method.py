@@ -113,10 +113,11 @@ class Occlusion(Method):
     def attribute_segments(self, model: LoadedModel, x: torch.Tensor, target: Target,
                            progress: Progress, context: Context) -> Attribution:
         """Each segment of ``context.segments`` filled alone; the map is its drop over its voxels."""
-        segments = context.segments
+        segments = context.segments.ids
         fill = fill_values(x, self.options.fill, typical_extent(segments))
         scorer = SegmentScorer(model, x, fill, target, segments, self.speedups, self.batch_size)
         drops = segment_drops(scorer, progress_reporter(progress))
-        parameters = {"segments": context.segment_spec, "segment_count": scorer.num_segments, "fill": self.options.fill,
+        parameters = {"segments": context.segments.spec, "segment_count": scorer.num_segments,
+                      "fill": self.options.fill,
                       "map": f"drop of the {target.score} when the voxel's segment is filled"}
         return Attribution(drops.float()[segments], True, parameters, run_record(scorer.masked))
