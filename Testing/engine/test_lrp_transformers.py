@@ -5,6 +5,8 @@ untouched."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from monai.networks import nets
@@ -14,7 +16,7 @@ from torch import nn
 from test_lrp import assert_untouched, loaded, snapshot
 from xaioverlay.errors import ModelError
 from xaioverlay.methods.lrp import COMPOSITES, LRP, Composite, Epsilon, lrp
-from xaioverlay.methods.lrp.canonizers import ATTENTION_RULE
+from xaioverlay.methods.lrp.canonizers import ATTENTION_RULE, ATTENTION_RULES
 from xaioverlay.targets import Target
 
 #: LRP-0 everywhere, with the default identity rule on standalone normalisations (LayerNorm): every
@@ -68,6 +70,42 @@ def test_attention_rule_sends_relevance_through_the_values_with_the_attention_he
     assert result.attention == 1
     assert_untouched(before, network, x)
     assert network.attention.use_flash_attention is True  # switched off for the run only
+
+
+def test_uniform_split_gives_attnlrp_softmax_and_product_rules_by_hand():
+    """``lrp:zero/uniform`` on one attention block against AttnLRP's rules written out with divisions:
+    the relevance of A v split half to A, half to v (each term in proportion to its share of the sum), the
+    softmax rule R(z_ij) = z_ij (R(A_ij) - A_ij Σ_j' R(A_ij')), then q kᵀ split half to q, half to k."""
+    network = TinyAttention()
+    model = loaded(network, "classification")
+    x = torch.tensor([0.8, -1.5, 2.0, 0.3]).reshape(1, 1, 4, 1, 1)
+    before = snapshot(network, x)
+    result = lrp(model, x, Target(1, "c1", "logit", "softmax", None, {}), replace(COMPOSITES["zero"], gates="uniform"))
+    with torch.no_grad():
+        t = x.reshape(4, 1).double()
+        embed, qkv = network.embed.weight.double(), network.attention.qkv.weight.double()
+        w_out, w_head = network.attention.out_proj.weight.double(), network.head.weight[1].double()
+        h = t @ embed.T  # (4 tokens, 2)
+        q, k, v = h @ qkv[0:2].T, h @ qkv[2:4].T, h @ qkv[4:6].T
+        z = q @ k.T / 2 ** 0.5
+        a = torch.softmax(z, dim=1)
+        y = a @ v
+        o = y @ w_out.T
+        r_o = torch.zeros_like(o)
+        r_o[0] = o[0] * w_head  # the head reads token 0; LRP-0 of a bias-free dense layer
+        r_y = y * ((r_o / o) @ w_out)
+        terms = a[:, :, None] * v[None, :, :] / y[:, None, :] * r_y[:, None, :]  # [i, j, d]: a_ij v_jd's share
+        r_a, r_v = terms.sum(2) / 2, terms.sum(0) / 2
+        r_z = z * (r_a - a * r_a.sum(1, keepdim=True))
+        products = q[:, None, :] * k[None, :, :] / (z * 2 ** 0.5)[:, :, None] * r_z[:, :, None]  # [i, j, m]
+        r_q, r_k = products.sum(1) / 2, products.sum(0) / 2
+        r_h = sum(h * ((r / p) @ w) for r, p, w in ((r_q, q, qkv[0:2]), (r_k, k, qkv[2:4]), (r_v, v, qkv[4:6])))
+        expected = r_h.sum(1).reshape(1, 1, 4, 1, 1)  # LRP-0 of the 1 -> 2 embedding: each token's R summed
+    torch.testing.assert_close(result.input.double(), expected, rtol=1e-4, atol=1e-7)
+    assert abs(float(result.input.sum()) - float(o[0] @ w_head)) > 1e-3  # the softmax rule does not conserve
+    assert result.attention == 1
+    assert_untouched(before, network, x)
+    assert network.attention.use_flash_attention is True
 
 
 def test_attention_settings_are_restored_when_a_later_layer_is_refused():
@@ -251,3 +289,27 @@ def test_lrp_records_the_attention_rule_and_conservation_on_a_transformer():
     assert attribution.parameters["attention"] == {"rule": ATTENTION_RULE, "count": 2}
     assert attribution.parameters["rules"]["norm"] == "pass"
     assert set(attribution.extras["conservation"]) == {"output_relevance", "input_relevance", "relative_error"}
+
+
+@pytest.mark.parametrize("name", ["SwinUNETR", "UNETR", "ViT"])
+def test_uniform_split_runs_attnlrp_through_every_attention_block_of_monai_transformers(name):
+    """The hooks find A v, the softmax and q kᵀ in MONAI's SABlock and WindowAttention: the map differs from
+    the held-attention one, the rule is recorded per block, and the network is left as it was."""
+    build, task, attention_blocks = BIAS_FREE[name]
+    torch.manual_seed(0)
+    network = bias_free(build()).eval()
+    model = loaded(network, task)
+    x = torch.randn(1, 1, 32, 32, 32)
+    region = torch.zeros(32, 32, 32) if task == "segmentation" else None
+    if region is not None:
+        region[8:20, 6:22, 10:26] = 1
+    target = Target(1, "c1", "logit", "softmax", region, {})
+    before = snapshot(network, x)
+    uniform = LRP("zero", gates="uniform").attribute(model, x, target)
+    held = LRP("zero").attribute(model, x, target)
+    assert uniform.parameters["attention"] == {"rule": ATTENTION_RULES["uniform"], "count": attention_blocks}
+    assert held.parameters["attention"] == {"rule": ATTENTION_RULES["signal"], "count": attention_blocks}
+    assert torch.isfinite(uniform.map).all()
+    assert not torch.allclose(uniform.map, held.map, rtol=1e-3, atol=1e-6)
+    assert_untouched(before, network, x)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in network.modules())

@@ -14,7 +14,7 @@ from ...progress import NO_PROGRESS, Progress
 from ...targets import Target
 from ..base import NO_CONTEXT, Attribution, Context, Method, relative_error
 from ..precision import full_float32
-from .canonizers import ATTENTION_RULE, GATE_RULES, canonized, check_graph
+from .canonizers import ATTENTION_RULES, GATE_RULES, canonized, check_graph
 from .composites import COMPOSITES, DEFAULT, GATE_SPLITS, Composite
 from .rules import Epsilon, ZBox
 
@@ -28,7 +28,7 @@ class Relevance:
         output: (B,) relevance the explanation started from: Σ y ⊙ ∂T/∂y over the network output
             (the explained logit — or the region's weighted sum of logits — for a logit target).
         gates: names of the multiplicative gates crossed (see :data:`.canonizers.GATE_RULES`).
-        attention: how many softmax attention blocks were crossed (see :data:`.canonizers.ATTENTION_RULE`).
+        attention: how many softmax attention blocks were crossed (see :data:`.canonizers.ATTENTION_RULES`).
     """
 
     input: torch.Tensor
@@ -84,7 +84,7 @@ class LRP(Method):
     """Layer-wise relevance propagation with a composite of rules (default: epsilon-plus-flat).
 
     Option ``COMPOSITE``, then optional ``/GATES`` with GATES ``signal`` (default) or ``uniform`` (how relevance
-    crosses multiplicative gates) and ``/eps=E`` (the ε of the dense layers' rule instead of the composite's 1e-6;
+    crosses multiplicative gates and softmax attention: held constant, or AttnLRP's rules) and ``/eps=E`` (the ε of the dense layers' rule instead of the composite's 1e-6;
     transformers need a larger one), e.g. ``lrp:epsilon-gamma-box/uniform``, ``lrp:/eps=0.25``.
     """
 
@@ -95,8 +95,8 @@ class LRP(Method):
     needs_internals = True
     summary = (f"layer-wise relevance propagation (option: composite, default {DEFAULT}; or "
                f"{', '.join(c for c in COMPOSITES if c != DEFAULT)}; "
-               "/uniform splits gates' relevance, /eps=E sets the dense layers' epsilon, e.g. lrp:zero/uniform, "
-               "lrp:/eps=0.25)")
+               "/uniform splits gates' and attention's relevance (AttnLRP), /eps=E sets the dense layers' epsilon, "
+               "e.g. lrp:zero/uniform, lrp:/eps=0.25)")
 
     def __init__(self, composite: str | Composite = DEFAULT, gates: str | None = None,
                  dense_epsilon: float | None = None) -> None:
@@ -171,7 +171,7 @@ class LRP(Method):
         if result.gates:
             parameters["gates"] = {"rule": GATE_RULES[composite.gates], "count": len(result.gates)}
         if result.attention:
-            parameters["attention"] = {"rule": ATTENTION_RULE, "count": result.attention}
+            parameters["attention"] = {"rule": ATTENTION_RULES[composite.gates], "count": result.attention}
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
 
     @classmethod

@@ -37,6 +37,11 @@ never written). What it does to the computation:
   al. 2024) also uses for the value path; AttnLRP's own softmax rule would send part of the relevance
   into the logits ``q kᵀ`` and lose the share a bias-like term absorbs there. Held constant, the
   attention is treated as the gates are by default (the signal, not the weighting, is explained).
+  With ``gates="uniform"`` the attention gets AttnLRP's own rules instead: the relevance of ``A v`` is
+  split uniformly between ``A`` and ``v`` (the signal halved at the product's output), the softmax rule
+  ``R(z_i) = z_i (R(A_i) − A_i Σ_j R(A_j))`` — in this convention exactly the plain gradient through the
+  softmax — and the uniform split again for ``q kᵀ`` (the signal halved where the attention matrix
+  leaves the softmax). Not conservative: the softmax rule's bias-like term absorbs a share.
 - **LayerNorm** (``nn.LayerNorm``, and SwinUNETR's functional ``F.layer_norm`` of each stage's output,
   whose ``proj_out`` is wrapped): per token, ``γ ⊙ (x − μ) / σ + β`` with μ and σ detached is an
   element-wise affine map; it gets the composite's ``norm`` rule, the identity (pass) rule by default
@@ -141,9 +146,17 @@ CONSTANT_PARAMETERS = {
 #: Softmax attention blocks → the submodule whose output is the attention matrix that multiplies the
 #: values (a dropout, the identity in eval mode). Its output is held constant (see :func:`canonized`).
 ATTENTION_WEIGHTS = {"SABlock": "drop_weights", "WindowAttention": "attn_drop"}
-#: How relevance crosses softmax attention (recorded with every LRP map of a transformer).
-ATTENTION_RULE = ("attention matrix held constant: relevance flows through the values only, a bias-free linear map "
-                  "(Ali et al. 2022; AttnLRP's value path, Achtibat et al. 2024)")
+#: Softmax attention blocks → the submodule that receives the product ``A v`` (whose input the uniform
+#: split halves).
+ATTENTION_PRODUCTS = {"SABlock": "out_rearrange", "WindowAttention": "proj"}
+#: How relevance crosses softmax attention (recorded with every LRP map of a transformer), per gate split.
+ATTENTION_RULES = {
+    "signal": "attention matrix held constant: relevance flows through the values only, a bias-free linear map "
+              "(Ali et al. 2022; AttnLRP's value path, Achtibat et al. 2024)",
+    "uniform": "AttnLRP (Achtibat et al. 2024): A v and q kᵀ split uniformly between their operands, the softmax "
+               "rule on the logits (not conservative: its bias-like term absorbs a share)",
+}
+ATTENTION_RULE = ATTENTION_RULES["signal"]
 
 
 def attention_weights(network: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
@@ -198,6 +211,50 @@ def _split_gate(session: "_Session", name: str, block: nn.Module) -> Callable:
         return _Halve.apply(output)
 
     return hook
+
+
+def _nearest(node, wanted: Callable[[object], bool], limit: int = 64):
+    """The first autograd node below ``node`` (breadth first, ``node`` included) that is ``wanted``, or None."""
+    queue, seen = [node], set()
+    while queue and len(seen) < limit:
+        current = queue.pop(0)
+        if current is None or current in seen:
+            continue
+        seen.add(current)
+        if wanted(current):
+            return current
+        queue.extend(child for child, _ in current.next_functions)
+    return None
+
+
+def _is_product(node) -> bool:
+    """A product of two tensors that both need gradients (``q kᵀ``, ``A v``)."""
+    return (type(node).__name__.startswith(SCALING_OPERATIONS)
+            and sum(child is not None for child, _ in node.next_functions) > 1)
+
+
+def _split_attention(session: "_Session", name: str, block: nn.Module, weights: nn.Module) -> list:
+    """AttnLRP's rules in softmax attention block ``block`` (hooks; see the module's docstring): the
+    signal halved at ``A v`` (the input of its :data:`ATTENTION_PRODUCTS` submodule) and where ``A``
+    leaves the softmax (``weights``' output), the softmax and both products allowed by :func:`check_graph`."""
+    receiver = getattr(block, ATTENTION_PRODUCTS[type(block).__name__])
+
+    def found(node, what: str):
+        if node is None:
+            raise ModelError(f"the uniform attention split found no {what} in '{name}' of type {type(block).__name__}: "
+                             "use the default attention rule (lrp:COMPOSITE without /uniform)")
+        session.gate_products.add(id(node))
+
+    def product_input(module, args):
+        found(_nearest(args[0].grad_fn, _is_product), "product A v")
+        return (_Halve.apply(args[0]), *args[1:])
+
+    def attention_matrix(module, inputs, output):
+        found(_nearest(output.grad_fn, lambda node: type(node).__name__.startswith("SoftmaxBackward")), "softmax")
+        found(_nearest(output.grad_fn, _is_product), "product q kᵀ")
+        return _Halve.apply(output)
+
+    return [receiver.register_forward_pre_hook(product_input), weights.register_forward_hook(attention_matrix)]
 
 
 
@@ -308,7 +365,7 @@ class _Session:
         self.gates: list[str] = []
         #: how many softmax attention blocks had their attention matrix held constant
         self.attention = 0
-        #: ``id(grad_fn)`` of the gate products the uniform split allows (see :func:`check_graph`).
+        #: ``id(grad_fn)`` of the products (and attention softmaxes) the uniform split allows (see :func:`check_graph`).
         self.gate_products: set[int] = set()
 
     def record_origin(self, name: str, module: nn.Module) -> Callable:
@@ -439,8 +496,12 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
             else:
                 handles.append(module.register_forward_hook(_hold_gate))
             session.gates.append(name)
+        names = {module: name for name, module in network.named_modules()}
         for block, weights in attention_weights(network):
-            handles.append(weights.register_forward_hook(_hold_gate))
+            if composite.gates == "uniform":
+                handles.extend(_split_attention(session, names[block], block, weights))
+            else:
+                handles.append(weights.register_forward_hook(_hold_gate))
             if getattr(block, "use_flash_attention", False):  # flash attention never forms the matrix to hold
                 override(block, "use_flash_attention", False)
             session.attention += 1
@@ -492,7 +553,8 @@ def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None, pro
 
     Args:
         origins: ``id(grad_fn)`` → description of the layer whose output it made (to name it).
-        products: ``id(grad_fn)`` of gate products whose relevance is split by rule (allowed).
+        products: ``id(grad_fn)`` of gate and attention products, and attention softmaxes, whose relevance
+            the uniform split handles by rule (allowed).
     Raises:
         ModelError: naming the operation (e.g. ``MulBackward0`` between two feature maps) and, when
             known, the layer that ran it.
@@ -514,7 +576,7 @@ def check_graph(output: torch.Tensor, origins: dict[int, str] | None = None, pro
                     f"LRP has no rule for a product or ratio of two feature maps ({name}, e.g. an attention gate) "
                     f"in {where}; explain this model with gxi, ig or gradcam instead"
                 )
-        elif not name.startswith(ALLOWED_OPERATIONS) and name != "_HalveBackward":
+        elif not name.startswith(ALLOWED_OPERATIONS) and name != "_HalveBackward" and id(node) not in products:
             raise ModelError(
                 f"LRP has no rule for the operation {name} in {where}; "
                 "explain this model with gxi, ig or gradcam instead"

@@ -22,7 +22,8 @@ from .rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, ZBox
 KINDS = ("first", "convolution", "dense", "norm", "activation")
 #: How relevance crosses a multiplicative gate ``x · σ(g(x))`` (see :mod:`.canonizers`): ``signal`` —
 #: the gate held constant, all to ``x`` (Arras et al. 2017, default); ``uniform`` — half to ``x``, half
-#: into the gate's branch (AttnLRP's rule for products, Achtibat et al. 2024).
+#: into the gate's branch (AttnLRP's rule for products, Achtibat et al. 2024). The same choice decides softmax
+#: attention: the attention matrix held constant, or AttnLRP's softmax and product rules.
 GATE_SPLITS = ("signal", "uniform")
 
 
