@@ -84,8 +84,9 @@ class LRP(Method):
     """Layer-wise relevance propagation with a composite of rules (default: epsilon-plus-flat).
 
     Option ``COMPOSITE``, then optional ``/GATES`` with GATES ``signal`` (default) or ``uniform`` (how relevance
-    crosses multiplicative gates and softmax attention: held constant, or AttnLRP's rules) and ``/eps=E`` (the ε of the dense layers' rule instead of the composite's 1e-6;
-    transformers need a larger one), e.g. ``lrp:epsilon-gamma-box/uniform``, ``lrp:/eps=0.25``.
+    crosses multiplicative gates and softmax attention: held constant, or AttnLRP's rules) and ``/eps=E`` (the
+    ε of the dense layers' rule instead of the composite's 1e-6; transformers need a larger one), e.g.
+    ``lrp:epsilon-gamma-box/uniform``, ``lrp:/eps=0.25``.
     """
 
     name = "lrp"
