@@ -14,9 +14,12 @@ Each done case's map of one method becomes a fixed-length descriptor of *where* 
 Both descriptors sum to 1; they do not change when the map is multiplied by a non-zero number (the
 size of a case's relevance and its sign), and the grid descriptor does not change when the map is
 sampled on a finer grid by repeating each voxel (resolution). The descriptors are clustered
-spectrally: a symmetric k-nearest-neighbour graph (Euclidean distance, k = round(√N) clipped to
-[2, 10]), the eigenvectors of its normalised Laplacian, the number of clusters k chosen by the largest
-gap among its smallest eigenvalues (at most 8), then k-means on the row-normalised embedding.
+spectrally: a symmetric k-nearest-neighbour graph (k = round(√N) clipped to [2, 10]) on the Hellinger
+distance, the natural one between distributions (the Euclidean distance of the descriptors' square
+roots: a small share that one group has and another lacks — a marker, a lesion — weighs as much as a
+change of a large share by the same factor), the eigenvectors of its normalised Laplacian, the number
+of clusters k chosen by the largest gap among its smallest eigenvalues (at most 8), then k-means on
+the row-normalised embedding.
 
 ``DIR/strategies.json`` lists the clusters, their members, each cluster's mean map on the reference
 case's grid (the first done case; every member's absolute map divided by its total, moved onto that
@@ -81,10 +84,17 @@ def _l1(values: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------- clustering
 
 
+def hellinger_distances(descriptors: np.ndarray) -> np.ndarray:
+    """(N, N) Hellinger distances between descriptors (N, D) that are distributions (non-negative, sum 1):
+    ‖√p − √q‖ / √2, in [0, 1]."""
+    roots = np.sqrt(np.clip(descriptors, 0.0, None))
+    return np.linalg.norm(roots[:, None, :] - roots[None, :, :], axis=2) / np.sqrt(2.0)
+
+
 def knn_affinity(descriptors: np.ndarray, neighbours: int) -> np.ndarray:
     """Symmetric 0/1 affinity (N, N) of descriptors (N, D): i ~ j when either is among the other's
-    ``neighbours`` nearest (Euclidean; ties broken by the lower index)."""
-    distance = np.linalg.norm(descriptors[:, None, :] - descriptors[None, :, :], axis=2)
+    ``neighbours`` nearest (Hellinger distance; ties broken by the lower index)."""
+    distance = hellinger_distances(descriptors)
     np.fill_diagonal(distance, np.inf)
     nearest = np.argsort(distance, axis=1, kind="stable")[:, :neighbours]
     affinity = np.zeros(distance.shape)
