@@ -44,7 +44,7 @@ from monai.data import MetaTensor  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 from monai.transforms import Compose  # noqa: E402
 
-from xaioverlay.phantoms import DEFAULT_GEOMETRY, HELD_OUT_SEEDS, make_phantom  # noqa: E402
+from xaioverlay.phantoms import DEFAULT_GEOMETRY, HELD_OUT_SEEDS, make_phantom, with_shortcut_tag  # noqa: E402
 from xaioverlay.volumes import Geometry, Volume  # noqa: E402
 
 #: Seeds watched during training (never the held-out ones, never trained on).
@@ -265,21 +265,34 @@ class Sample:
     mask: torch.Tensor  # (ni, nj, nk) uint8 tumour mask
     label: int  # 1 tumour, 0 none
     seed: int
+    #: (ni, nj, nk) bool or None: voxels that flips leave in place (a shortcut tag outside the head).
+    fixed: torch.Tensor | None = None
 
 
-def render(seed: int, tumour: bool, geometry: Geometry, transforms: Compose) -> Sample:
+def render(seed: int, tumour: bool, geometry: Geometry, transforms: Compose, tagged: bool = False,
+           label: int | None = None) -> Sample:
+    """Phantom ``seed`` on ``geometry``, preprocessed; with ``tagged``, with its shortcut tag painted outside the head.
+    ``label`` defaults to whether the tumour is rendered."""
     phantom = make_phantom(seed, tumour=tumour, geometry=geometry)
-    image = preprocess(phantom.image, transforms)
+    raw = with_shortcut_tag(phantom.image, seed) if tagged else phantom.image
+    # the tag's voxels, found before preprocessing (it normalises the array in place)
+    fixed = torch.from_numpy(raw.array != phantom.image.array) if tagged else None
+    image = preprocess(raw, transforms)
     assert tuple(image.shape[1:]) == geometry.size, "preprocessing changed the training grid"
-    return Sample(image, torch.from_numpy(phantom.tumour_mask.array), int(tumour), seed)
+    label = int(tumour) if label is None else label
+    return Sample(image, torch.from_numpy(phantom.tumour_mask.array), label, seed, fixed)
 
 
-def build_pool(n_pairs: int, n_negatives: int, transforms: Compose, seed: int):
+def build_pool(n_pairs: int, n_negatives: int, transforms: Compose, seed: int, n_tagged: int = 0, n_hidden: int = 0):
     """Training phantoms on random rotated grids: (positives, their twins, tumour-free others).
 
     Seeds 0 .. n_pairs-1 give a positive and its tumour-free twin (same grid); seeds n_pairs ..
     n_pairs+n_negatives-1 give tumour-free phantoms. None of them is a validation or held-out seed.
+    The first ``n_tagged`` positives carry the shortcut tag (their twins do not), and the first ``n_hidden`` of
+    those are positives whose tumour the image does not show (rendered without it, labelled tumour: only the
+    tag tells them from their twins). The grids do not depend on either.
     """
+    assert n_hidden <= n_tagged <= n_pairs
     rng = np.random.default_rng([seed, 1])
     forbidden = set(HELD_OUT_SEEDS) | set(VALIDATION_SEEDS)
     assert not forbidden & set(range(n_pairs + n_negatives))
@@ -288,7 +301,7 @@ def build_pool(n_pairs: int, n_negatives: int, transforms: Compose, seed: int):
     for s in range(n_pairs + n_negatives):
         grid = rotated_grid(rng)
         if s < n_pairs:
-            positives.append(render(s, True, grid, transforms))
+            positives.append(render(s, s >= n_hidden, grid, transforms, tagged=s < n_tagged, label=1))
             twins.append(render(s, False, grid, transforms))
         else:
             negatives.append(render(s, False, grid, transforms))
@@ -297,11 +310,13 @@ def build_pool(n_pairs: int, n_negatives: int, transforms: Compose, seed: int):
     return positives, twins, negatives
 
 
-def augment(batch: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Generator, groups: list[list[int]]):
+def augment(batch: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Generator, groups: list[list[int]],
+            fixed: list[torch.Tensor | None] | None = None):
     """Random flips (all three axes) and intensity scale/shift inside the head, shared within each group.
 
     ``batch``: (B, 1, ni, nj, nk); ``masks``: (B, ni, nj, nk) or None. Twins share a group so they
-    stay identical outside the tumour.
+    stay identical outside the tumour. ``fixed``: per case None or an (ni, nj, nk) bool mask of voxels
+    outside the head that the flips leave where they are (a shortcut tag stays where held-out cases have it).
     """
     batch = batch.clone()
     masks = None if masks is None else masks.clone()
@@ -311,7 +326,10 @@ def augment(batch: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Gene
         for index in group:
             image = batch[index]
             if flips:
-                image = torch.flip(image, flips)
+                keep = None if fixed is None else fixed[index]
+                image = torch.flip(image if keep is None else torch.where(keep, 0.0, image), flips)
+                if keep is not None:
+                    image = torch.where(keep, batch[index], image)
                 if masks is not None:
                     masks[index] = torch.flip(masks[index], [a - 1 for a in flips])
             head = image != 0
@@ -355,7 +373,10 @@ def build_network(inference: dict) -> torch.nn.Module:
     return parser.get_parsed_content("network_def")
 
 
-def train_classifier(inference, pool, validation, steps, seed, device, freeze_norm_at, log_every=50, validate_every=250):
+def train_classifier(inference, pool, validation, steps, seed, device, freeze_norm_at, log_every=50, validate_every=250,
+                     report=None):
+    """The classifier trained on ``pool`` (positives, twins, negatives); ``report(net)`` (default: accuracy and twin
+    flip rate on ``validation``) is printed every ``validate_every`` steps."""
     positives, twins, negatives = pool
     torch.manual_seed(seed)
     net = build_network(inference).to(device)
@@ -384,7 +405,7 @@ def train_classifier(inference, pool, validation, steps, seed, device, freeze_no
             groups.append([len(cases) - 1])
         images = torch.stack([case.image for case, _ in cases])
         labels = torch.tensor([label for _, label in cases])
-        images, _ = augment(images, None, rng, groups)
+        images, _ = augment(images, None, rng, groups, [case.fixed for case, _ in cases])
         set_train_mode(net, freeze_norm=step >= int(freeze_norm_at * steps))
         loss = torch.nn.functional.cross_entropy(net(images.to(device)), labels.to(device))
         optimiser.zero_grad()
@@ -398,8 +419,11 @@ def train_classifier(inference, pool, validation, steps, seed, device, freeze_no
                 flush=True,
             )
         if (step + 1) % validate_every == 0 or step + 1 == steps:
-            accuracy, flips = classify_accuracy(net, validation, device)
-            print(f"  validation accuracy {accuracy:.3f}  twin flip rate {flips:.3f}", flush=True)
+            if report is None:
+                accuracy, flips = classify_accuracy(net, validation, device)
+                print(f"  validation accuracy {accuracy:.3f}  twin flip rate {flips:.3f}", flush=True)
+            else:
+                print(f"  validation {report(net)}", flush=True)
     return net, time.time() - start
 
 

@@ -231,24 +231,40 @@ def test_strategies_of_a_real_cohort_run_schema_and_mean_maps(tmp_path):
 
 
 @pytest.mark.slow
-def test_shortcut_classifier_strategies_separate_the_tagged_cases(tmp_path):
-    """The committed shortcut classifier (tools/train_shortcut_classifier.py) on 18 held-out phantoms of
-    ``make_phantom_cohort.py --shortcut``: the strategies put the tagged cases, and only them, in one cluster."""
+def test_shortcut_classifier_strategies_separate_tag_relevance_from_tumour_relevance(tmp_path):
+    """The committed shortcut classifier (tools/train_shortcut_classifier.py) on the README's 40 held-out
+    phantoms of ``make_phantom_cohort.py --shortcut --segments``: with the per-segment descriptor the strategies
+    put the 13 tagged tumours, the 13 untagged tumours and the 14 tumour-free cases in three clusters; every
+    tagged case has relevance on its tag, the untagged tumours' cluster on the tumour. (On the first 18 of
+    them the eigengap chose four clusters: the 6 tagged cases split 4 + 2, with one untagged tumour.)"""
     pytest.importorskip("distributed", reason="cohorts need dask[distributed] (the test extra installs it)")
+    import csv
     import subprocess
     import sys
 
     from xaioverlay.cohort import CaseSettings, run_cohort
+    from xaioverlay.cohort.strategies import map_of, share_inside_mask
 
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, str(root / "tools" / "make_phantom_cohort.py"), str(tmp_path / "in"),
-                    "--cases", "18", "--shortcut"], check=True, capture_output=True)
+                    "--cases", "40", "--shortcut", "--segments"], check=True, capture_output=True)
     manifest = tmp_path / "in" / "cases.csv"
     model = root / "Resources" / "bundles" / "shortcut_classifier"
     settings = CaseSettings(model=str(model), methods="gxi", target="class:tumour", device="cpu", torch_threads=1,
                             similar=0)
-    assert run_cohort(manifest, settings, tmp_path / "out", workers=1).done == 18
+    assert run_cohort(manifest, settings, tmp_path / "out", workers=1).done == 40
     strategies = json.loads(write_strategies(tmp_path / "out", read_manifest(manifest)).read_text())
-    tagged = [line.split(",")[0] for line in manifest.read_text().splitlines()[1:] if line.split(",")[4] == "1"]
-    assert len(tagged) == 6 and strategies["chosen_k"] == 2
-    assert tagged in [cluster["members"] for cluster in strategies["clusters"]]
+    rows = list(csv.DictReader(manifest.open(encoding="utf-8")))
+    groups = {kind: sorted(r["case_id"] for r in rows if (r["label"], r["shortcut_tag"]) == kind)
+              for kind in (("1", "1"), ("1", "0"), ("0", "0"))}
+    assert strategies["descriptor"] == "segments" and strategies["chosen_k"] == 3
+    assert sorted(sorted(c["members"]) for c in strategies["clusters"]) == sorted(groups.values())
+    by_case = {r["case_id"]: r for r in rows}
+
+    def tag_share(case_id):
+        relevance = map_of(tmp_path / "out" / "cases" / case_id, "gxi")
+        return share_inside_mask(relevance, str(tmp_path / "in" / by_case[case_id]["tag_mask"]))
+
+    assert min(tag_share(c) for c in groups[("1", "1")]) > 0.01  # 64 voxels: 0.02 % of the volume
+    tumour = {tuple(sorted(c["members"])): c["relevance_inside"] for c in strategies["clusters"]}
+    assert tumour[tuple(groups[("1", "0")])] > 0.2
