@@ -400,3 +400,38 @@ def test_network_is_restored_when_the_run_is_cancelled_midway():
     assert_untouched(before, model.network, x)
     # and it still explains normally afterwards
     assert torch.isfinite(lrp(model, x, target, COMPOSITES["epsilon-plus-flat"]).input).all()
+
+
+class NearZeroLogit(nn.Module):
+    """Four voxels → an identity dense layer (the ``first`` rule reads the input) → one logit ``w · h + 1`` whose
+    weighted sum cancels the bias to within ``gap``: LRP-ε's bias share ``z / (z + ε)`` then blows up."""
+
+    def __init__(self, gap: float) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4, bias=False)
+        self.logit = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.eye(4))
+            self.logit.weight.copy_(torch.tensor([[0.0, 0, 0, 0], [-0.25, -0.25, -0.25, -0.25 + gap]]))
+            self.logit.bias.copy_(torch.tensor([0.0, 1.0]))
+
+    def forward(self, x):
+        return self.logit(self.first(x.flatten(1)))
+
+
+@pytest.mark.parametrize("gap, warns", [(1e-7, True), (2.0, False)])
+def test_lrp_warns_in_one_line_when_relevance_is_not_conserved(gap, warns):
+    """Logit 1e-7 against a bias of 1: the dense ε of 1e-6 makes the input relevance about -0.09 for an explained
+    score of 1e-7 (a relative error near 1e6), and the result carries a warning that says what to do; with a
+    logit of 2 (well away from zero) the error is the bias's share, 0.5, and no warning is given."""
+    from xaioverlay.methods.lrp import LRP
+
+    model = loaded(NearZeroLogit(gap), "classification")
+    attribution = LRP().attribute(model, torch.ones(1, 1, 4, 1, 1), Target(1, "c1", "logit", "softmax", None, {}))
+    error = attribution.extras["conservation"]["relative_error"]
+    if warns:
+        assert error > 1e5
+        assert "did not conserve relevance" in attribution.extras["warning"]
+        assert "lrp:/eps=0.25" in attribution.extras["warning"] and "\n" not in attribution.extras["warning"]
+    else:
+        assert error < 1.0 and "warning" not in attribution.extras

@@ -46,6 +46,24 @@ class Relevance:
         }
 
 
+#: Relative conservation error above which the map's total is off by more than the explained score itself.
+UNCONSERVED = 1.0
+
+
+def conservation_extras(output_relevance: float, input_relevance: float) -> dict:
+    """The ``conservation`` record (starting and input relevance, relative error) and, where the error exceeds
+    :data:`UNCONSERVED`, a ``warning`` line: relevance was created or lost on the way, typically by a tiny ε over
+    near-zero pre-activations (the dense layers of a trained transformer)."""
+    error = relative_error(input_relevance, output_relevance)
+    extras = {"conservation": {"output_relevance": output_relevance, "input_relevance": input_relevance,
+                               "relative_error": error}}
+    if error is not None and error > UNCONSERVED:
+        extras["warning"] = (f"LRP did not conserve relevance (input relevance {input_relevance:.4g} for an explained "
+                             f"score of {output_relevance:.4g}, relative error {error:.3g}); the map is unreliable: "
+                             "raise the dense layers' epsilon (lrp:/eps=0.25 on transformers) or use gxi or ig")
+    return extras
+
+
 def input_bounds(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Each channel's minimum and maximum over ``x`` (B, C, X, Y, Z): two tuples of C numbers."""
     channels = x.detach().transpose(0, 1).flatten(1)
@@ -173,11 +191,13 @@ class LRP(Method):
             parameters["gates"] = {"rule": GATE_RULES[composite.gates], "count": len(result.gates)}
         if result.attention:
             parameters["attention"] = {"rule": ATTENTION_RULES[composite.gates], "count": result.attention}
-        return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras={"conservation": result.conservation()})
+        record = result.conservation()
+        extras = conservation_extras(record["output_relevance"], record["input_relevance"])
+        return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras=extras)
 
     @classmethod
     def combine_extras(cls, extras: list[dict]) -> dict:
         """Window by window: relevances add up, so the conservation error is that of the sums."""
         start = sum(e["conservation"]["output_relevance"] for e in extras)
         end = sum(e["conservation"]["input_relevance"] for e in extras)
-        return {"conservation": {"output_relevance": start, "input_relevance": end, "relative_error": relative_error(end, start)}}
+        return conservation_extras(start, end)
