@@ -86,7 +86,7 @@ def lrp(model: LoadedModel, x: torch.Tensor, target: Target, composite: Composit
     network_input = x.detach().requires_grad_(True)
     with full_float32(), canonized(model.network, composite, network_input) as session, torch.enable_grad():
         output = model.forward(network_input)
-        check_graph(output, session.origins, session.gate_products)
+        check_graph(output, session.origins, session.split_products)
         score = target(output)
         grad_input, grad_output = torch.autograd.grad(score.sum(), [network_input, output], allow_unused=True)
         deposited = session.relevance.value

@@ -207,7 +207,7 @@ def _split_gate(session: "_Session", name: str, block: nn.Module) -> Callable:
         )
 
     def hook(module, inputs, output):
-        session.gate_products.add(id(output.grad_fn))
+        session.split_products.add(id(output.grad_fn))
         return _Halve.apply(output)
 
     return hook
@@ -243,7 +243,7 @@ def _split_attention(session: "_Session", name: str, block: nn.Module, weights: 
         if node is None:
             raise ModelError(f"the uniform attention split found no {what} in '{name}' of type {type(block).__name__}: "
                              "use the default attention rule (lrp:COMPOSITE without /uniform)")
-        session.gate_products.add(id(node))
+        session.split_products.add(id(node))
 
     def product_input(module, args):
         found(_nearest(args[0].grad_fn, _is_product), "product A v")
@@ -363,10 +363,10 @@ class _Session:
         self.producers: dict[int, tuple[_Step, weakref.ref, nn.Module]] = {}
         self.origins: dict[int, str] = {}
         self.gates: list[str] = []
-        #: how many softmax attention blocks had their attention matrix held constant
+        #: how many softmax attention blocks were crossed (attention held constant, or split by AttnLRP's rules)
         self.attention = 0
-        #: ``id(grad_fn)`` of the products (and attention softmaxes) the uniform split allows (see :func:`check_graph`).
-        self.gate_products: set[int] = set()
+        #: ``id(grad_fn)`` of the products and attention softmaxes the uniform split handles (see :func:`check_graph`).
+        self.split_products: set[int] = set()
 
     def record_origin(self, name: str, module: nn.Module) -> Callable:
         """Forward hook remembering which layer's output each autograd node made (for error messages)."""
@@ -496,7 +496,7 @@ def canonized(network: nn.Module, composite: Composite, network_input: torch.Ten
             else:
                 handles.append(module.register_forward_hook(_hold_gate))
             session.gates.append(name)
-        names = {module: name for name, module in network.named_modules()}
+        names = {module: name for name, module in blocks.items()}
         for block, weights in attention_weights(network):
             if composite.gates == "uniform":
                 handles.extend(_split_attention(session, names[block], block, weights))
