@@ -36,24 +36,16 @@ class Relevance:
     gates: tuple[str, ...] = ()
     attention: int = 0
 
-    def conservation(self) -> dict:
-        """Σ input relevance against the starting relevance (summed over the batch)."""
-        start, end = float(self.output.sum()), float(self.input.sum())
-        return {
-            "output_relevance": start,
-            "input_relevance": end,
-            "relative_error": relative_error(end, start),
-        }
-
 
 #: Relative conservation error above which the map's total is off by more than the explained score itself.
 UNCONSERVED = 1.0
 
 
 def conservation_extras(output_relevance: float, input_relevance: float) -> dict:
-    """The ``conservation`` record (starting and input relevance, relative error) and, where the error exceeds
-    :data:`UNCONSERVED`, a ``warning`` line: relevance was created or lost on the way, typically by a tiny ε over
-    near-zero pre-activations (the dense layers of a trained transformer)."""
+    """The ``conservation`` record (starting and input relevance, each summed over the batch, and the input's
+    relative error) and, where that error exceeds :data:`UNCONSERVED`, a ``warning`` line: relevance was
+    created or lost on the way, typically by a tiny ε over near-zero pre-activations (a trained transformer's
+    dense layers)."""
     error = relative_error(input_relevance, output_relevance)
     extras = {"conservation": {"output_relevance": output_relevance, "input_relevance": input_relevance,
                                "relative_error": error}}
@@ -191,8 +183,7 @@ class LRP(Method):
             parameters["gates"] = {"rule": GATE_RULES[composite.gates], "count": len(result.gates)}
         if result.attention:
             parameters["attention"] = {"rule": ATTENTION_RULES[composite.gates], "count": result.attention}
-        record = result.conservation()
-        extras = conservation_extras(record["output_relevance"], record["input_relevance"])
+        extras = conservation_extras(float(result.output.sum()), float(result.input.sum()))
         return Attribution(result.input[0].sum(0), signed=True, parameters=parameters, extras=extras)
 
     @classmethod
